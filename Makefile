@@ -1,0 +1,49 @@
+# weightfs: the two set-up commands are `make run` and `make test` (README.md).
+GO       ?= go
+BIN      := bin/weightfs
+MNT      ?= /mnt/weightfs
+GOFLAGS  ?=
+export CGO_CFLAGS ?= -Wno-deprecated-declarations
+
+.PHONY: all build run test test-go test-python lint bench fuzz gpu-test gpu-bench deps clean
+
+all: build
+
+build:
+	$(GO) build $(GOFLAGS) -o $(BIN) ./cmd/weightfs
+
+## run: build, then serve the built-in demo model on $(MNT) in the foreground (Ctrl-C unmounts).
+run: build
+	mkdir -p $(MNT)
+	./$(BIN) mount $(MNT) --demo
+
+## test: everything CI runs; mounting tests need root and /dev/fuse (they skip elsewhere).
+test: deps lint test-go test-python
+
+deps:
+	@command -v python3 >/dev/null || (apt-get update -qq && apt-get install -y -qq python3)
+	$(GO) mod download
+
+lint:
+	@bad=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	  if [ -n "$$bad" ]; then echo "gofmt would change: $$bad"; exit 1; fi
+	$(GO) vet ./...
+
+test-go:
+	$(GO) test $(GOFLAGS) -count=1 -timeout 40m ./...
+
+test-python:
+	python3 -m unittest discover -s integration/python/tests -t integration/python -v
+
+## bench: side-by-side throughput of the mount against tmpfs (prints ratios).
+bench:
+	WEIGHTFS_BENCH=1 $(GO) test -count=1 -run '^TestBenchReport$$' -v -timeout 30m ./integration
+
+## fuzz: run each safetensors fuzz target for FUZZTIME.
+FUZZTIME ?= 60s
+fuzz:
+	$(GO) test -run=NONE -fuzz=FuzzParse -fuzztime=$(FUZZTIME) ./store/safetensors
+	$(GO) test -run=NONE -fuzz=FuzzReadHeader -fuzztime=$(FUZZTIME) ./store/safetensors
+
+clean:
+	rm -rf bin .devbuild

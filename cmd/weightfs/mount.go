@@ -1,0 +1,275 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/pflag"
+	"golang.org/x/term"
+
+	wfs "github.com/weightfs/weightfs/fs"
+	"github.com/weightfs/weightfs/store"
+	"github.com/weightfs/weightfs/store/demo"
+)
+
+// modelSpec is one --model NAME=PATH.
+type modelSpec struct{ name, path string }
+
+func parseModelSpec(s string) (modelSpec, error) {
+	name, path, ok := strings.Cut(s, "=")
+	if !ok || path == "" {
+		return modelSpec{}, usagef("--model %q: want NAME=PATH", s)
+	}
+	if err := store.ValidateModelName(name); err != nil {
+		return modelSpec{}, usagef("--model %q: %v", s, err)
+	}
+	st, err := os.Stat(path)
+	if err != nil {
+		return modelSpec{}, usagef("--model %s: %v", name, unwrapPathError(err))
+	}
+	if !st.IsDir() {
+		return modelSpec{}, usagef("--model %s: %s is not a directory", name, path)
+	}
+	return modelSpec{name: name, path: path}, nil
+}
+
+// unwrapPathError keeps "stat PATH: no such file or directory" short.
+func unwrapPathError(err error) error {
+	var pe *os.PathError
+	if errors.As(err, &pe) {
+		return fmt.Errorf("%s: %w", pe.Path, pe.Err)
+	}
+	return err
+}
+
+type mountFlags struct {
+	models     []modelSpec
+	demo       bool
+	cached     bool
+	allowOther bool
+	debug      bool
+	logFormat  string
+	mountpoint string
+}
+
+func parseMountFlags(args []string, stderr io.Writer) (*mountFlags, error) {
+	fl := pflag.NewFlagSet("weightfs mount", pflag.ContinueOnError)
+	fl.SetOutput(stderr)
+	fl.Usage = func() {
+		fmt.Fprint(stderr, "Usage: weightfs mount MOUNTPOINT [--model NAME=PATH]... [--demo] [flags]\n\nFlags:\n")
+		fl.PrintDefaults()
+	}
+	var f mountFlags
+	var specs []string
+	fl.StringArrayVar(&specs, "model", nil, "serve the model folder PATH as NAME (repeatable)")
+	fl.BoolVar(&f.demo, "demo", false, "serve the built-in demo model as \"demo\"")
+	fl.BoolVar(&f.cached, "cached", false, "serve reads from the daemon with the kernel page cache instead of FUSE passthrough")
+	fl.BoolVar(&f.allowOther, "allow-other", os.Geteuid() == 0, "let other users read the mount (default when run as root)")
+	fl.BoolVar(&f.debug, "debug", false, "log every FUSE request")
+	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
+	// pflag prints its own message for unknown flags; keep it to our one line.
+	fl.SetOutput(io.Discard)
+	if err := fl.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			fl.SetOutput(stderr)
+			fl.Usage()
+			return nil, err
+		}
+		return nil, usagef("mount: %v", err)
+	}
+	switch fl.NArg() {
+	case 0:
+		return nil, usagef("mount: missing MOUNTPOINT (weightfs mount MOUNTPOINT [--model NAME=PATH]...)")
+	case 1:
+		f.mountpoint = fl.Arg(0)
+	default:
+		return nil, usagef("mount: one MOUNTPOINT expected, got %d arguments: %s", fl.NArg(), strings.Join(fl.Args(), " "))
+	}
+	if f.logFormat != "text" && f.logFormat != "json" {
+		return nil, usagef("--log-format %q: want text or json", f.logFormat)
+	}
+	seen := map[string]bool{}
+	for _, s := range specs {
+		m, err := parseModelSpec(s)
+		if err != nil {
+			return nil, err
+		}
+		if seen[m.name] || (f.demo && m.name == "demo") {
+			return nil, usagef("--model %s: name given twice", m.name)
+		}
+		seen[m.name] = true
+		f.models = append(f.models, m)
+	}
+	if st, err := os.Stat(f.mountpoint); err != nil && !errors.Is(err, syscall.ENOTCONN) {
+		return nil, usagef("mount point %v", unwrapPathError(err))
+	} else if err == nil && !st.IsDir() {
+		return nil, usagef("mount point %s is not a directory", f.mountpoint)
+	}
+	return &f, nil
+}
+
+func newLogger(format string, w io.Writer) *slog.Logger {
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, nil))
+	}
+	return slog.New(slog.NewTextHandler(w, nil))
+}
+
+func runMount(args []string, stdout, stderr io.Writer) error {
+	f, err := parseMountFlags(args, stderr)
+	if err != nil {
+		return err
+	}
+	log := newLogger(f.logFormat, stderr)
+	if f.demo {
+		dir, err := writeDemo()
+		if err != nil {
+			return err
+		}
+		f.models = append([]modelSpec{{name: "demo", path: dir}}, f.models...)
+	}
+
+	arena, err := store.OpenArena(0)
+	if err != nil {
+		return err
+	}
+	if arena.Kind() != "tmpfs" {
+		log.Warn("host images in memfd without huge pages; mmap readers will be slower",
+			"reason", arena.FallbackReason())
+	}
+	st := store.New(arena, store.Options{Logger: log})
+	defer st.Close()
+
+	srv, err := wfs.Mount(f.mountpoint, st, wfs.Options{
+		ForceCached: f.cached, AllowOther: f.allowOther, Logger: log, Debug: f.debug,
+	})
+	if err != nil {
+		return err
+	}
+	if srv.Mode() == wfs.Passthrough {
+		log.Info("mounted", "mountpoint", srv.Mountpoint(), "reads", "passthrough", "host_memory", arena.Kind())
+	} else {
+		log.Warn("FUSE passthrough is OFF: reads go through the daemon and the page cache (slower)",
+			"reason", srv.CachedReason(), "mountpoint", srv.Mountpoint())
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	go func() {
+		for _, m := range f.models {
+			if ctx.Err() != nil {
+				return
+			}
+			loadOne(ctx, st, m, srv.Mountpoint(), stdout, stderr, log)
+		}
+		fmt.Fprintf(stdout, "weightfs: serving %s (Ctrl-C to unmount)\n", srv.Mountpoint())
+	}()
+
+	unmounted := make(chan struct{})
+	go func() { srv.Wait(); close(unmounted) }()
+	select {
+	case <-unmounted:
+		return errors.New("file system was unmounted from outside")
+	case <-ctx.Done():
+	}
+	stop()
+	return shutdown(srv, unmounted, log)
+}
+
+// shutdown unmounts; while readers hold files open it detaches the mount and
+// serves them until they close, or until a second signal.
+func shutdown(srv *wfs.Server, unmounted <-chan struct{}, log *slog.Logger) error {
+	if err := srv.Unmount(); err == nil {
+		log.Info("unmounted", "mountpoint", srv.Mountpoint())
+		return nil
+	} else {
+		log.Warn("mount busy; detaching it and serving open files until they close (signal again to quit now)", "err", err)
+	}
+	if err := srv.Detach(); err != nil {
+		return err
+	}
+	again := make(chan os.Signal, 1)
+	signal.Notify(again, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(again)
+	select {
+	case <-unmounted:
+		log.Info("last open file closed; unmounted", "mountpoint", srv.Mountpoint())
+	case <-again:
+		log.Warn("quitting with files still open", "mountpoint", srv.Mountpoint())
+	}
+	return nil
+}
+
+// loadOne loads one model with a progress bar on a terminal, a summary line
+// elsewhere. A failed load is reported and the daemon goes on serving.
+func loadOne(ctx context.Context, st *store.Store, m modelSpec, mountpoint string, stdout, stderr io.Writer, log *slog.Logger) {
+	var bar *progressbar.ProgressBar
+	opts := store.LoadOptions{}
+	if isTerminal(stderr) {
+		bar = progressbar.NewOptions64(-1,
+			progressbar.OptionSetWriter(stderr),
+			progressbar.OptionSetDescription("loading "+m.name),
+			progressbar.OptionShowBytes(true),
+			progressbar.OptionShowTotalBytes(true),
+			progressbar.OptionThrottle(100*time.Millisecond),
+			progressbar.OptionClearOnFinish(),
+		)
+		opts.Progress = func(done, total int64) {
+			bar.ChangeMax64(total)
+			bar.Set64(done)
+		}
+	}
+	v, err := st.Load(ctx, m.name, m.path, opts)
+	if bar != nil {
+		bar.Finish()
+	}
+	if err != nil {
+		log.Error("load failed", "model", m.name, "err", err)
+		return
+	}
+	secs := v.LoadTime().Seconds()
+	fmt.Fprintf(stdout, "weightfs: %s → %s (%d files, %s in %.2fs, %s/s)\n",
+		m.name, filepath.Join(mountpoint, v.Name()), len(v.Files()),
+		humanBytes(v.Bytes()), secs, humanBytes(int64(float64(v.Bytes())/max(secs, 1e-9))))
+}
+
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	return ok && term.IsTerminal(int(f.Fd()))
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// writeDemo writes the built-in demo model into the user's cache folder.
+func writeDemo() (string, error) {
+	base, err := os.UserCacheDir()
+	if err != nil {
+		base = os.TempDir()
+	}
+	dir := filepath.Join(base, "weightfs", "demo")
+	if err := demo.Write(dir); err != nil {
+		return "", fmt.Errorf("write demo model to %s: %w", dir, err)
+	}
+	return dir, nil
+}

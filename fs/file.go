@@ -1,0 +1,147 @@
+package fs
+
+import (
+	"context"
+	"syscall"
+
+	gofs "github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+
+	"github.com/weightfs/weightfs/store"
+)
+
+// fileNode is one file of a version. Its bytes live in a memory-backed file
+// that the kernel reads directly under passthrough.
+type fileNode struct {
+	gofs.Inode
+	m       *mount
+	version *store.Version
+	file    *store.File
+}
+
+var (
+	_ gofs.NodeOpener      = (*fileNode)(nil)
+	_ gofs.NodeGetattrer   = (*fileNode)(nil)
+	_ gofs.NodeGetxattrer  = (*fileNode)(nil)
+	_ gofs.NodeListxattrer = (*fileNode)(nil)
+)
+
+func (n *fileNode) fill(a *fuse.Attr) {
+	a.Mode = fileMode
+	a.Ino = n.file.Ino()
+	a.Nlink = 1
+	a.Size = uint64(n.file.Size())
+	a.Blocks = (a.Size + 511) / 512
+	a.Blksize = blockSize
+	t := n.version.LoadedAt()
+	a.SetTimes(&t, &t, &t)
+	n.m.owner(a)
+}
+
+func (n *fileNode) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	n.fill(&out.Attr)
+	return 0
+}
+
+func (n *fileNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
+	if flags&syscall.O_ACCMODE != syscall.O_RDONLY || flags&syscall.O_TRUNC != 0 {
+		return nil, 0, syscall.EROFS
+	}
+	n.m.counters.opens.Add(1)
+	h := &readHandle{m: n.m, file: n.file}
+	if n.m.Mode() == Passthrough {
+		return &passthroughHandle{readHandle: h}, 0, 0
+	}
+	// Without passthrough the kernel page cache is the fast path: keep it
+	// across opens (versions never change).
+	return h, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+func (n *fileNode) attrs() []xattr {
+	return []xattr{
+		{name: "user.weightfs.version", value: n.version.Name()},
+		{name: "user.weightfs.source", value: n.file.Source()},
+		{name: "user.weightfs.residency", value: n.m.residency(n.file)},
+		{name: "user.weightfs.kind", value: n.file.Kind().String()},
+	}
+}
+
+func (n *fileNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	return n.m.getxattr(ctx, dest, attr, n.attrs())
+}
+
+func (n *fileNode) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
+	return listxattr(dest, n.attrs())
+}
+
+// readHandle serves READ requests from the host image. Under passthrough the
+// kernel never sends them; each one that arrives is counted.
+type readHandle struct {
+	m    *mount
+	file *store.File
+}
+
+var (
+	_ gofs.FileReader   = (*readHandle)(nil)
+	_ gofs.FileReleaser = (*readHandle)(nil)
+)
+
+func (h *readHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	h.m.countRead(len(dest))
+	data := h.file.Bytes()
+	if off >= int64(len(data)) {
+		return fuse.ReadResultData(nil), 0
+	}
+	end := min(off+int64(len(dest)), int64(len(data)))
+	return fuse.ReadResultData(data[off:end]), 0
+}
+
+func (h *readHandle) Release(ctx context.Context) syscall.Errno {
+	h.m.counters.releases.Add(1)
+	return 0
+}
+
+// passthroughHandle hands the kernel the image's descriptor: reads and mmaps
+// then go straight to the memory-backed file.
+type passthroughHandle struct {
+	*readHandle
+}
+
+var _ gofs.FilePassthroughFder = (*passthroughHandle)(nil)
+
+func (h *passthroughHandle) PassthroughFd() (int, bool) {
+	return h.file.BackingFd(), true
+}
+
+// xattr is one extended attribute of a node.
+type xattr struct{ name, value string }
+
+// getxattr answers a getxattr with the size-probe and ERANGE rules: a short
+// (or empty) buffer gets the value's length and ERANGE, which go-fuse turns
+// into the size answer for a probe. Unknown names get ENODATA, never ENOSYS,
+// which would make the kernel stop asking for the whole mount.
+func (m *mount) getxattr(ctx context.Context, dest []byte, name string, attrs []xattr) (uint32, syscall.Errno) {
+	m.counters.xattrs.Add(1)
+	for _, a := range attrs {
+		if a.name == name {
+			return copyAttr(dest, []byte(a.value))
+		}
+	}
+	return 0, syscall.ENODATA
+}
+
+func listxattr(dest []byte, attrs []xattr) (uint32, syscall.Errno) {
+	var list []byte
+	for _, a := range attrs {
+		list = append(list, a.name...)
+		list = append(list, 0)
+	}
+	return copyAttr(dest, list)
+}
+
+func copyAttr(dest, value []byte) (uint32, syscall.Errno) {
+	if len(dest) < len(value) {
+		return uint32(len(value)), syscall.ERANGE
+	}
+	return uint32(copy(dest, value)), 0
+}

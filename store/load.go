@@ -1,0 +1,404 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/weightfs/weightfs/store/safetensors"
+)
+
+// LoadOptions tune one load.
+type LoadOptions struct {
+	// Progress, if set, is called from the copying goroutines after every
+	// chunk with the bytes copied so far and the total. It must be cheap and
+	// safe for concurrent use.
+	Progress func(done, total int64)
+	// Readers is the number of parallel reads (default 4).
+	Readers int
+	// ChunkSize is the size of one read (default 16 MiB).
+	ChunkSize int64
+}
+
+const (
+	defaultReaders   = 4
+	defaultChunkSize = 16 << 20
+	// IndexSuffix ends the name of a sharded checkpoint's index file.
+	IndexSuffix = ".safetensors.index.json"
+)
+
+// sourceFile is a file found in a model folder, before it is loaded.
+type sourceFile struct {
+	rel    string // '/'-separated path inside the folder
+	abs    string
+	size   int64
+	header *safetensors.Header // weights files only
+	buf    *Buffer
+}
+
+// Load reads the model folder dir into memory and commits it as the next
+// version of model name. A safetensors file is validated before anything is
+// copied; shards named by a *.safetensors.index.json must agree with it.
+// Nothing becomes visible unless every file loaded; errors name the file and
+// the problem.
+func (s *Store) Load(ctx context.Context, name, dir string, opts LoadOptions) (*Version, error) {
+	if err := ValidateModelName(name); err != nil {
+		return nil, err
+	}
+	start := time.Now()
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, fmt.Errorf("model folder %s: %w", dir, err)
+	}
+	files, err := scanFolder(abs)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkIndexes(abs, files); err != nil {
+		return nil, err
+	}
+	v, err := s.copyIn(ctx, abs, files, opts)
+	if err != nil {
+		return nil, err
+	}
+	v.loadTime = time.Since(start)
+	v.loadedAt = time.Now()
+	if err := s.commit(name, v); err != nil {
+		v.free()
+		return nil, err
+	}
+	s.log.Info("loaded", "version", v.Name(), "files", len(v.files), "bytes", v.bytes,
+		"seconds", v.loadTime.Seconds(), "source", abs)
+	return v, nil
+}
+
+// scanFolder lists the regular files of a model folder (following symlinks,
+// as in a Hugging Face cache snapshot) and validates every safetensors header.
+func scanFolder(root string) ([]*sourceFile, error) {
+	st, err := os.Stat(root)
+	if err != nil {
+		return nil, fmt.Errorf("model folder %s: %w", root, err)
+	}
+	if !st.IsDir() {
+		return nil, fmt.Errorf("model folder %s: not a directory", root)
+	}
+	var files []*sourceFile
+	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return fmt.Errorf("model folder %s: %w", root, err)
+		}
+		if p == root {
+			return nil
+		}
+		if d.IsDir() {
+			// .git, .cache, .huggingface: bookkeeping, not model files.
+			if strings.HasPrefix(d.Name(), ".") {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		info, err := os.Stat(p) // follows symlinks into blobs/
+		if err != nil {
+			return fmt.Errorf("model file %s: %w", p, err)
+		}
+		if !info.Mode().IsRegular() {
+			return nil
+		}
+		rel, err := filepath.Rel(root, p)
+		if err != nil {
+			return err
+		}
+		files = append(files, &sourceFile{rel: filepath.ToSlash(rel), abs: p, size: info.Size()})
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if len(files) == 0 {
+		return nil, fmt.Errorf("model folder %s: no files", root)
+	}
+	for _, f := range files {
+		if !strings.HasSuffix(f.rel, ".safetensors") {
+			continue
+		}
+		h, err := readHeader(f.abs, f.size)
+		if err != nil {
+			return nil, err
+		}
+		f.header = h
+	}
+	return files, nil
+}
+
+func readHeader(file string, size int64) (*safetensors.Header, error) {
+	fh, err := os.Open(file)
+	if err != nil {
+		return nil, fmt.Errorf("load %s: %w", file, err)
+	}
+	defer fh.Close()
+	h, err := safetensors.ReadHeader(fh, size)
+	if err != nil {
+		return nil, fmt.Errorf("load %s: %w", file, err)
+	}
+	return h, nil
+}
+
+// shardIndex is the part of model.safetensors.index.json that matters.
+type shardIndex struct {
+	WeightMap map[string]string `json:"weight_map"`
+}
+
+// checkIndexes makes every *.safetensors.index.json agree with the shards it
+// names: each named shard exists, and maps exactly the tensors its header holds.
+func checkIndexes(root string, files []*sourceFile) error {
+	byRel := map[string]*sourceFile{}
+	for _, f := range files {
+		byRel[f.rel] = f
+	}
+	for _, idx := range files {
+		if !strings.HasSuffix(idx.rel, IndexSuffix) {
+			continue
+		}
+		raw, err := os.ReadFile(idx.abs)
+		if err != nil {
+			return fmt.Errorf("load %s: %w", idx.abs, err)
+		}
+		var si shardIndex
+		if err := json.Unmarshal(raw, &si); err != nil {
+			return fmt.Errorf("load %s: index is not valid JSON: %w", idx.abs, err)
+		}
+		if si.WeightMap == nil {
+			return fmt.Errorf("load %s: index has no weight_map", idx.abs)
+		}
+		want := map[string]map[string]bool{} // shard → tensor names
+		for tensor, shard := range si.WeightMap {
+			if want[shard] == nil {
+				want[shard] = map[string]bool{}
+			}
+			want[shard][tensor] = true
+		}
+		shards := make([]string, 0, len(want))
+		for shard := range want {
+			shards = append(shards, shard)
+		}
+		sort.Strings(shards)
+		base := path.Dir(idx.rel)
+		for _, shard := range shards {
+			rel := path.Join(base, shard)
+			f := byRel[rel]
+			if f == nil || f.header == nil {
+				return fmt.Errorf("load %s: weight_map names shard %q, which is not a safetensors file in %s", idx.abs, shard, root)
+			}
+			have := map[string]bool{}
+			for _, t := range f.header.Tensors {
+				have[t.Name] = true
+				if !want[shard][t.Name] {
+					return fmt.Errorf("load %s: shard %s holds tensor %q, which the weight_map does not map to it", idx.abs, shard, t.Name)
+				}
+			}
+			for _, t := range sortedKeys(want[shard]) {
+				if !have[t] {
+					return fmt.Errorf("load %s: weight_map maps tensor %q to shard %s, which does not hold it", idx.abs, t, shard)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+func sortedKeys(m map[string]bool) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// chunk is one parallel read: bytes [off, off+n) of files[file].
+type chunk struct {
+	file int
+	off  int64
+	n    int64
+}
+
+// copyIn copies every file into a host image with parallel large reads and
+// builds the version. On error every image made so far is freed.
+func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, opts LoadOptions) (v *Version, err error) {
+	readers, chunkSize := opts.Readers, opts.ChunkSize
+	if readers <= 0 {
+		readers = defaultReaders
+	}
+	if chunkSize <= 0 {
+		chunkSize = defaultChunkSize
+	}
+	handles := make([]*os.File, len(files))
+	defer func() {
+		for _, h := range handles {
+			if h != nil {
+				h.Close()
+			}
+		}
+		if err != nil {
+			for _, f := range files {
+				if f.buf != nil {
+					f.buf.Close()
+					f.buf = nil
+				}
+			}
+		}
+	}()
+	var total int64
+	var chunks []chunk
+	for i, f := range files {
+		if handles[i], err = os.Open(f.abs); err != nil {
+			return nil, fmt.Errorf("load %s: %w", f.abs, err)
+		}
+		if f.buf, err = s.arena.NewBuffer(f.rel, f.size); err != nil {
+			return nil, fmt.Errorf("load %s: %w", f.abs, err)
+		}
+		total += f.size
+		for off := int64(0); off < f.size; off += chunkSize {
+			chunks = append(chunks, chunk{file: i, off: off, n: min(chunkSize, f.size-off)})
+		}
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var done atomic.Int64
+	var firstErr error
+	var errOnce sync.Once
+	fail := func(e error) {
+		errOnce.Do(func() { firstErr = e; cancel() })
+	}
+	work := make(chan chunk)
+	var wg sync.WaitGroup
+	for range readers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for c := range work {
+				f := files[c.file]
+				dst := f.buf.Bytes()[c.off : c.off+c.n]
+				if _, err := handles[c.file].ReadAt(dst, c.off); err != nil {
+					fail(fmt.Errorf("load %s: read %d bytes at offset %d: %w", f.abs, c.n, c.off, err))
+					continue
+				}
+				d := done.Add(c.n)
+				if opts.Progress != nil {
+					opts.Progress(d, total)
+				}
+			}
+		}()
+	}
+feed:
+	for _, c := range chunks {
+		select {
+		case work <- c:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(work)
+	wg.Wait()
+	if firstErr != nil {
+		return nil, firstErr
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("load %s: %w", root, err)
+	}
+	if opts.Progress != nil && len(chunks) == 0 {
+		opts.Progress(0, 0)
+	}
+	if err := checkUnchanged(files, handles); err != nil {
+		return nil, err
+	}
+	return s.buildVersion(root, files), nil
+}
+
+// checkUnchanged re-validates what was copied: a source that changed while it
+// was read must not be served as if it were whole.
+func checkUnchanged(files []*sourceFile, handles []*os.File) error {
+	for i, f := range files {
+		st, err := handles[i].Stat()
+		if err != nil {
+			return fmt.Errorf("load %s: %w", f.abs, err)
+		}
+		if st.Size() != f.size {
+			return fmt.Errorf("load %s: file changed size while loading (%d → %d bytes)", f.abs, f.size, st.Size())
+		}
+		if f.header == nil {
+			continue
+		}
+		h, err := safetensors.ReadHeader(bytes.NewReader(f.buf.Bytes()), f.size)
+		if err != nil {
+			return fmt.Errorf("load %s: file changed while loading: %w", f.abs, err)
+		}
+		if h.HeaderSize != f.header.HeaderSize || len(h.Tensors) != len(f.header.Tensors) {
+			return fmt.Errorf("load %s: file changed while loading: header differs", f.abs)
+		}
+		f.header = h
+	}
+	return nil
+}
+
+// buildVersion arranges loaded files into a directory tree with fresh inode
+// numbers.
+func (s *Store) buildVersion(root string, files []*sourceFile) *Version {
+	sort.Slice(files, func(i, j int) bool { return files[i].rel < files[j].rel })
+	v := &Version{source: root, root: &Dir{ino: s.newIno()}}
+	dirs := map[string]*Dir{".": v.root}
+	var dirFor func(rel string) *Dir
+	dirFor = func(rel string) *Dir {
+		if d := dirs[rel]; d != nil {
+			return d
+		}
+		parent := dirFor(path.Dir(rel))
+		d := &Dir{name: path.Base(rel), ino: s.newIno()}
+		parent.dirs = append(parent.dirs, d)
+		dirs[rel] = d
+		return d
+	}
+	for _, sf := range files {
+		kind := Plain
+		if sf.header != nil {
+			kind = Weights
+		}
+		f := &File{
+			name: path.Base(sf.rel), path: sf.rel, ino: s.newIno(), kind: kind,
+			source: sf.abs, header: sf.header, buf: sf.buf,
+		}
+		d := dirFor(path.Dir(sf.rel))
+		d.files = append(d.files, f)
+		v.files = append(v.files, f)
+		v.bytes += f.Size()
+	}
+	for _, d := range dirs {
+		sort.Slice(d.dirs, func(i, j int) bool { return d.dirs[i].name < d.dirs[j].name })
+	}
+	return v
+}
+
+// Lookup finds a direct child of d by name: a subdirectory or a file (both
+// nil when there is none).
+func (d *Dir) Lookup(name string) (*Dir, *File) {
+	i := sort.Search(len(d.dirs), func(i int) bool { return d.dirs[i].name >= name })
+	if i < len(d.dirs) && d.dirs[i].name == name {
+		return d.dirs[i], nil
+	}
+	j := sort.Search(len(d.files), func(i int) bool { return d.files[i].name >= name })
+	if j < len(d.files) && d.files[j].name == name {
+		return nil, d.files[j]
+	}
+	return nil, nil
+}

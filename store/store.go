@@ -1,0 +1,331 @@
+// Package store keeps models resident in host memory: models, immutable
+// numbered versions, their files and the tensors of their weights files. It
+// knows nothing of FUSE; package fs serves what it holds.
+package store
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode/utf8"
+
+	"github.com/weightfs/weightfs/store/safetensors"
+)
+
+// Store holds every model the daemon serves.
+type Store struct {
+	arena *Arena
+	log   *slog.Logger
+
+	mu     sync.RWMutex
+	models map[string]*Model
+	closed bool
+
+	// nextIno hands out stable inode numbers: 1 is the mount's root.
+	nextIno atomic.Uint64
+}
+
+// Options configure a Store.
+type Options struct {
+	// Logger receives load and error messages (default: slog.Default()).
+	Logger *slog.Logger
+}
+
+// New creates an empty store whose host images live in arena. The store owns
+// the arena from now on and closes it in Close.
+func New(arena *Arena, opts Options) *Store {
+	s := &Store{arena: arena, log: opts.Logger, models: map[string]*Model{}}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	s.nextIno.Store(1)
+	return s
+}
+
+// Arena is where the store keeps host images.
+func (s *Store) Arena() *Arena { return s.arena }
+
+func (s *Store) newIno() uint64 { return s.nextIno.Add(1) }
+
+// Models returns the models in name order.
+func (s *Store) Models() []*Model {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]*Model, 0, len(s.models))
+	for _, m := range s.models {
+		out = append(out, m)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].name < out[j].name })
+	return out
+}
+
+// Model returns the model of that name, or nil.
+func (s *Store) Model(name string) *Model {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.models[name]
+}
+
+// Version returns a committed version by model name and number, or nil.
+func (s *Store) Version(name string, number int) *Version {
+	m := s.Model(name)
+	if m == nil {
+		return nil
+	}
+	return m.Version(number)
+}
+
+// Stats sums up what the store holds.
+type Stats struct {
+	Models, Versions, Files int
+	Bytes                   int64
+}
+
+// Stats sums up what the store holds now.
+func (s *Store) Stats() Stats {
+	var st Stats
+	for _, m := range s.Models() {
+		st.Models++
+		for _, v := range m.Versions() {
+			st.Versions++
+			st.Files += len(v.files)
+			st.Bytes += v.bytes
+		}
+	}
+	return st
+}
+
+// Close frees every host image and the arena. The store must not be used
+// afterwards.
+func (s *Store) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
+	var errs []error
+	for _, m := range s.models {
+		for _, v := range m.versions {
+			if err := v.free(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	s.models = nil
+	errs = append(errs, s.arena.Close())
+	return errors.Join(errs...)
+}
+
+// commit makes a fully loaded version visible under the next number of its
+// model.
+func (s *Store) commit(name string, v *Version) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return errors.New("store is closed")
+	}
+	m := s.models[name]
+	if m == nil {
+		m = &Model{name: name, ino: s.newIno()}
+		s.models[name] = m
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	v.number = m.lastNumber + 1
+	v.model = name
+	m.lastNumber = v.number
+	m.versions = append(m.versions, v)
+	m.current = v
+	return nil
+}
+
+// ValidateModelName checks a model name: it becomes a file name on the mount
+// and "NAME@N" names its versions.
+func ValidateModelName(name string) error {
+	switch {
+	case name == "":
+		return errors.New("model name is empty")
+	case len(name) > 200:
+		return fmt.Errorf("model name %q is longer than 200 bytes", name)
+	case !utf8.ValidString(name):
+		return fmt.Errorf("model name %q is not valid UTF-8", name)
+	case strings.HasPrefix(name, "."):
+		return fmt.Errorf("model name %q must not start with '.'", name)
+	case strings.ContainsAny(name, "/@\x00"):
+		return fmt.Errorf("model name %q must not contain '/', '@' or NUL", name)
+	}
+	return nil
+}
+
+// Model is a named series of versions.
+type Model struct {
+	name string
+	ino  uint64
+
+	mu         sync.RWMutex
+	versions   []*Version // ascending numbers
+	current    *Version
+	lastNumber int
+}
+
+// Name is the model's name.
+func (m *Model) Name() string { return m.name }
+
+// Ino is the stable inode number of the model's "current" symlink.
+func (m *Model) Ino() uint64 { return m.ino }
+
+// Current is the newest committed version.
+func (m *Model) Current() *Version {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.current
+}
+
+// Versions are the committed versions in ascending order.
+func (m *Model) Versions() []*Version {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return append([]*Version(nil), m.versions...)
+}
+
+// Version returns version n, or nil.
+func (m *Model) Version(n int) *Version {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	for _, v := range m.versions {
+		if v.number == n {
+			return v
+		}
+	}
+	return nil
+}
+
+// Version is one immutable, fully loaded copy of a model folder.
+type Version struct {
+	model    string
+	number   int
+	source   string
+	root     *Dir
+	files    []*File // in path order
+	bytes    int64
+	loadedAt time.Time
+	loadTime time.Duration
+}
+
+// Model is the name of the model this version belongs to.
+func (v *Version) Model() string { return v.model }
+
+// Number is the version's number, from 1.
+func (v *Version) Number() int { return v.number }
+
+// Name is the version's directory name on the mount: "MODEL@N".
+func (v *Version) Name() string { return fmt.Sprintf("%s@%d", v.model, v.number) }
+
+// Source is the folder the version was loaded from.
+func (v *Version) Source() string { return v.source }
+
+// Root is the version's top directory.
+func (v *Version) Root() *Dir { return v.root }
+
+// Files are all files of the version in path order.
+func (v *Version) Files() []*File { return v.files }
+
+// Bytes is the total size of the version's files.
+func (v *Version) Bytes() int64 { return v.bytes }
+
+// LoadedAt is when the version was committed.
+func (v *Version) LoadedAt() time.Time { return v.loadedAt }
+
+// LoadTime is how long loading took.
+func (v *Version) LoadTime() time.Duration { return v.loadTime }
+
+func (v *Version) free() error {
+	var errs []error
+	for _, f := range v.files {
+		if err := f.buf.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("free %s/%s: %w", v.Name(), f.path, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Dir is a directory inside a version.
+type Dir struct {
+	name  string
+	ino   uint64
+	dirs  []*Dir  // name order
+	files []*File // name order
+}
+
+// Name is the directory's own name ("" for a version's root).
+func (d *Dir) Name() string { return d.name }
+
+// Ino is the directory's stable inode number.
+func (d *Dir) Ino() uint64 { return d.ino }
+
+// Dirs are the subdirectories in name order.
+func (d *Dir) Dirs() []*Dir { return d.dirs }
+
+// Files are the files in name order.
+func (d *Dir) Files() []*File { return d.files }
+
+// Kind says how the daemon treats a file.
+type Kind int
+
+const (
+	// Plain files (config, tokenizer, …) are served as they are.
+	Plain Kind = iota
+	// Weights files are safetensors files whose header was validated.
+	Weights
+)
+
+func (k Kind) String() string {
+	if k == Weights {
+		return "weights"
+	}
+	return "plain"
+}
+
+// File is one file of a version with its host image.
+type File struct {
+	name   string
+	path   string // relative to the version root, '/'-separated
+	ino    uint64
+	kind   Kind
+	source string
+	header *safetensors.Header
+	buf    *Buffer
+}
+
+// Name is the file's base name.
+func (f *File) Name() string { return f.name }
+
+// Path is the file's path inside its version, '/'-separated.
+func (f *File) Path() string { return f.path }
+
+// Ino is the file's stable inode number.
+func (f *File) Ino() uint64 { return f.ino }
+
+// Kind says whether this is a weights file.
+func (f *File) Kind() Kind { return f.kind }
+
+// Source is the file the bytes were loaded from.
+func (f *File) Source() string { return f.source }
+
+// Header is the validated safetensors header of a weights file (nil for plain files).
+func (f *File) Header() *safetensors.Header { return f.header }
+
+// Size is the file's length in bytes.
+func (f *File) Size() int64 { return f.buf.Size() }
+
+// Bytes is the host image, the file's exact bytes.
+func (f *File) Bytes() []byte { return f.buf.Bytes() }
+
+// BackingFd is the descriptor of the memory-backed file holding the image.
+func (f *File) BackingFd() int { return f.buf.Fd() }
