@@ -2,6 +2,8 @@ package fs
 
 import (
 	"context"
+	"encoding/binary"
+	"strings"
 	"syscall"
 
 	gofs "github.com/hanwen/go-fuse/v2/fs"
@@ -20,6 +22,7 @@ type fileNode struct {
 }
 
 var (
+	_ gofs.NodeIoctler     = (*fileNode)(nil)
 	_ gofs.NodeOpener      = (*fileNode)(nil)
 	_ gofs.NodeGetattrer   = (*fileNode)(nil)
 	_ gofs.NodeGetxattrer  = (*fileNode)(nil)
@@ -61,17 +64,47 @@ func (n *fileNode) attrs() []xattr {
 	return []xattr{
 		{name: "user.weightfs.version", value: n.version.Name()},
 		{name: "user.weightfs.source", value: n.file.Source()},
-		{name: "user.weightfs.residency", value: n.m.residency(n.file)},
+		{name: "user.weightfs.residency", value: strings.Join(n.file.Residency(), ",")},
 		{name: "user.weightfs.kind", value: n.file.Kind().String()},
 	}
 }
 
 func (n *fileNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	if attr == CUDAXattr {
+		manifest, errno := n.m.handles(ctx, n.file)
+		if errno != 0 {
+			return 0, errno
+		}
+		return copyAttr(dest, manifest)
+	}
 	return n.m.getxattr(ctx, dest, attr, n.attrs())
 }
 
 func (n *fileNode) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
-	return listxattr(dest, n.attrs())
+	attrs := n.attrs()
+	if _, ok := n.file.CUDAManifest(); ok {
+		attrs = append(attrs, xattr{name: CUDAXattr})
+	}
+	return listxattr(dest, attrs)
+}
+
+// Ioctl answers IoctlCUDAManifest with the same JSON as user.weightfs.cuda,
+// in a struct weightfs_cuda_manifest (docs/PROTOCOL.md).
+func (n *fileNode) Ioctl(ctx context.Context, f gofs.FileHandle, cmd uint32, arg uint64, input, output []byte) (int32, syscall.Errno) {
+	if cmd != IoctlCUDAManifest {
+		return 0, syscall.ENOTTY
+	}
+	manifest, errno := n.m.handles(ctx, n.file)
+	if errno != 0 {
+		return 0, errno
+	}
+	if len(output) < ioctlHeader+len(manifest) {
+		return 0, syscall.E2BIG
+	}
+	binary.LittleEndian.PutUint32(output[0:4], uint32(len(manifest)))
+	binary.LittleEndian.PutUint32(output[4:8], 0)
+	copy(output[ioctlHeader:], manifest)
+	return 0, 0
 }
 
 // readHandle serves READ requests from the host image. Under passthrough the

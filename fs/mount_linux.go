@@ -2,6 +2,7 @@ package fs
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -50,6 +51,9 @@ type Options struct {
 	Logger *slog.Logger
 	// Debug logs every FUSE request.
 	Debug bool
+	// AllowUIDs and AllowGIDs may read GPU handles (user.weightfs.cuda and
+	// the ioctl); everyone else gets EACCES. Nil: the daemon's uid and root.
+	AllowUIDs, AllowGIDs []uint32
 }
 
 // Counters are what the mount counts for status and tests.
@@ -57,10 +61,14 @@ type Counters struct {
 	// DaemonReads are READ requests that reached the daemon (0 under passthrough).
 	DaemonReads, DaemonReadBytes uint64
 	Opens, Releases, Xattrs      uint64
+	// HandleRequests and HandleDenials count CUDA manifest requests (xattr
+	// and ioctl) and those refused for lack of permission.
+	HandleRequests, HandleDenials uint64
 }
 
 type counters struct {
 	reads, readBytes, opens, releases, xattrs atomic.Uint64
+	handleRequests, handleDenials             atomic.Uint64
 }
 
 // mount is the state every node of one mount shares.
@@ -71,6 +79,8 @@ type mount struct {
 	uid, gid uint32
 	counters counters
 	warned   atomic.Bool
+
+	allowUIDs, allowGIDs map[uint32]bool
 }
 
 func (m *mount) Mode() ReadMode { return ReadMode(m.mode.Load()) }
@@ -86,7 +96,21 @@ func (m *mount) countRead(n int) {
 	}
 }
 
-func (m *mount) residency(f *store.File) string { return "host" }
+// handles returns a file's CUDA manifest to a caller allowed to have its
+// handles: a handle lets its opener read and write the slab.
+func (m *mount) handles(ctx context.Context, f *store.File) ([]byte, syscall.Errno) {
+	m.counters.handleRequests.Add(1)
+	manifest, ok := f.CUDAManifest()
+	if !ok {
+		return nil, syscall.ENODATA
+	}
+	caller, ok := fuse.FromContext(ctx)
+	if !ok || !(m.allowUIDs[caller.Uid] || m.allowGIDs[caller.Gid]) {
+		m.counters.handleDenials.Add(1)
+		return nil, syscall.EACCES
+	}
+	return manifest, 0
+}
 
 // Server is a mounted weightfs.
 type Server struct {
@@ -110,7 +134,17 @@ func Mount(mountpoint string, st *store.Store, opts Options) (*Server, error) {
 	if err := prepareMountpoint(abs, log); err != nil {
 		return nil, err
 	}
-	m := &mount{store: st, log: log, uid: uint32(os.Getuid()), gid: uint32(os.Getgid())}
+	m := &mount{store: st, log: log, uid: uint32(os.Getuid()), gid: uint32(os.Getgid()),
+		allowUIDs: map[uint32]bool{}, allowGIDs: map[uint32]bool{}}
+	if opts.AllowUIDs == nil && opts.AllowGIDs == nil {
+		m.allowUIDs[0], m.allowUIDs[m.uid] = true, true
+	}
+	for _, id := range opts.AllowUIDs {
+		m.allowUIDs[id] = true
+	}
+	for _, id := range opts.AllowGIDs {
+		m.allowGIDs[id] = true
+	}
 	m.mode.Store(int32(Cached))
 	long := 24 * time.Hour
 	zero := time.Duration(0)
@@ -274,6 +308,7 @@ func (s *Server) Counters() Counters {
 	return Counters{
 		DaemonReads: c.reads.Load(), DaemonReadBytes: c.readBytes.Load(),
 		Opens: c.opens.Load(), Releases: c.releases.Load(), Xattrs: c.xattrs.Load(),
+		HandleRequests: c.handleRequests.Load(), HandleDenials: c.handleDenials.Load(),
 	}
 }
 

@@ -353,6 +353,20 @@ func TestXattrs(t *testing.T) {
 			t.Errorf("listxattr short buffer: %v, want ERANGE", err)
 		}
 	}
+	// Host-only: no CUDA manifest, by xattr or by ioctl; other ioctls: ENOTTY.
+	if _, err := unix.Getxattr(file, wfs.CUDAXattr, make([]byte, 4096)); !errors.Is(err, syscall.ENODATA) {
+		t.Errorf("%s on a host-only file: %v, want ENODATA", wfs.CUDAXattr, err)
+	}
+	f, err := os.Open(file)
+	must(t, err)
+	defer f.Close()
+	out := make([]byte, wfs.IoctlCUDAManifestSize)
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), wfs.IoctlCUDAManifest, uintptr(unsafe.Pointer(&out[0]))); errno != syscall.ENODATA {
+		t.Errorf("manifest ioctl on a host-only file: %v, want ENODATA", errno)
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), 0x80085702, uintptr(unsafe.Pointer(&out[0]))); errno != syscall.ENOTTY {
+		t.Errorf("unknown ioctl: %v, want ENOTTY", errno)
+	}
 	// Unknown names again: the kernel must still ask (no ENOSYS latch).
 	if n, err := unix.Getxattr(filepath.Join(m.dir, "x@1"), "user.weightfs.version", make([]byte, 64)); err != nil || n != 3 {
 		t.Errorf("version dir xattr: %d, %v", n, err)

@@ -44,6 +44,7 @@ type sourceFile struct {
 	size   int64
 	header *safetensors.Header // weights files only
 	buf    *Buffer
+	file   *File
 }
 
 // Load reads the model folder dir into memory and commits it as the next
@@ -232,8 +233,10 @@ type chunk struct {
 	n    int64
 }
 
-// copyIn copies every file into a host image with parallel large reads and
-// builds the version. On error every image made so far is freed.
+// copyIn copies every file into a host image with parallel large reads and,
+// when the store has GPUs, copies each weights file on to them as soon as its
+// host image is complete, overlapped with the reads of the others. On error
+// every image and slab made so far is freed.
 func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, opts LoadOptions) (v *Version, err error) {
 	readers, chunkSize := opts.Readers, opts.ChunkSize
 	if readers <= 0 {
@@ -251,6 +254,9 @@ func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, op
 		}
 		if err != nil {
 			for _, f := range files {
+				if f.file != nil {
+					f.file.freeGPU()
+				}
 				if f.buf != nil {
 					f.buf.Close()
 					f.buf = nil
@@ -260,6 +266,7 @@ func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, op
 	}()
 	var total int64
 	var chunks []chunk
+	remaining := make([]atomic.Int64, len(files))
 	for i, f := range files {
 		if handles[i], err = os.Open(f.abs); err != nil {
 			return nil, fmt.Errorf("load %s: %w", f.abs, err)
@@ -267,7 +274,9 @@ func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, op
 		if f.buf, err = s.arena.NewBuffer(f.rel, f.size); err != nil {
 			return nil, fmt.Errorf("load %s: %w", f.abs, err)
 		}
+		f.file = newFile(f)
 		total += f.size
+		remaining[i].Store(f.size)
 		for off := int64(0); off < f.size; off += chunkSize {
 			chunks = append(chunks, chunk{file: i, off: off, n: min(chunkSize, f.size-off)})
 		}
@@ -275,6 +284,7 @@ func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, op
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
+	gpu := s.startReplication(root, files)
 	var done atomic.Int64
 	var firstErr error
 	var errOnce sync.Once
@@ -294,6 +304,9 @@ func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, op
 					fail(fmt.Errorf("load %s: read %d bytes at offset %d: %w", f.abs, c.n, c.off, err))
 					continue
 				}
+				if remaining[c.file].Add(-c.n) == 0 {
+					gpu.ready(f.file)
+				}
 				d := done.Add(c.n)
 				if opts.Progress != nil {
 					opts.Progress(d, total)
@@ -311,6 +324,7 @@ feed:
 	}
 	close(work)
 	wg.Wait()
+	gpuErr := gpu.wait()
 	if firstErr != nil {
 		return nil, firstErr
 	}
@@ -323,7 +337,68 @@ feed:
 	if err := checkUnchanged(files, handles); err != nil {
 		return nil, err
 	}
-	return s.buildVersion(root, files), nil
+	if gpuErr != nil {
+		for _, f := range files {
+			f.file.freeGPU()
+		}
+		s.log.Error("GPU residency failed; the host copy serves", "source", root, "err", gpuErr)
+	}
+	v = s.buildVersion(root, files)
+	v.gpuErr = gpuErr
+	return v, nil
+}
+
+func newFile(sf *sourceFile) *File {
+	kind := Plain
+	if sf.header != nil {
+		kind = Weights
+	}
+	return &File{name: path.Base(sf.rel), path: sf.rel, kind: kind, source: sf.abs, header: sf.header, buf: sf.buf}
+}
+
+// replication copies weights files to the GPUs one after another, as their
+// host images complete.
+type replication struct {
+	work chan *File
+	done chan struct{}
+	err  error
+}
+
+func (s *Store) startReplication(root string, files []*sourceFile) *replication {
+	r := &replication{work: make(chan *File, len(files)), done: make(chan struct{})}
+	gpus := s.gpus
+	if len(gpus.List()) > 0 {
+		var need int64
+		for _, f := range files {
+			if f.header != nil {
+				_, size := SlabLayout(f.header)
+				need += size
+			}
+		}
+		r.err = checkGPUMemory(gpus, need, root)
+	}
+	go func() {
+		defer close(r.done)
+		for f := range r.work {
+			if r.err != nil || f.header == nil || len(gpus.List()) == 0 {
+				continue
+			}
+			if err := f.pin(gpus); err != nil {
+				r.err = err
+			} else if err := f.replicate(gpus); err != nil {
+				r.err = err
+			}
+		}
+	}()
+	return r
+}
+
+func (r *replication) ready(f *File) { r.work <- f }
+
+func (r *replication) wait() error {
+	close(r.work)
+	<-r.done
+	return r.err
 }
 
 // checkUnchanged re-validates what was copied: a source that changed while it
@@ -370,14 +445,9 @@ func (s *Store) buildVersion(root string, files []*sourceFile) *Version {
 		return d
 	}
 	for _, sf := range files {
-		kind := Plain
-		if sf.header != nil {
-			kind = Weights
-		}
-		f := &File{
-			name: path.Base(sf.rel), path: sf.rel, ino: s.newIno(), kind: kind,
-			source: sf.abs, header: sf.header, buf: sf.buf,
-		}
+		f := sf.file
+		f.ino = s.newIno()
+		f.header = sf.header // re-read from the host image by checkUnchanged
 		d := dirFor(path.Dir(sf.rel))
 		d.files = append(d.files, f)
 		v.files = append(v.files, f)

@@ -14,6 +14,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/weightfs/weightfs/cuda"
 	"github.com/weightfs/weightfs/store/safetensors"
 )
 
@@ -21,6 +22,7 @@ import (
 type Store struct {
 	arena *Arena
 	log   *slog.Logger
+	gpus  *GPUs
 
 	mu     sync.RWMutex
 	models map[string]*Model
@@ -34,18 +36,24 @@ type Store struct {
 type Options struct {
 	// Logger receives load and error messages (default: slog.Default()).
 	Logger *slog.Logger
+	// GPUs, if set, receive a replica of every weights file. The caller
+	// keeps ownership and closes them after the store.
+	GPUs *GPUs
 }
 
 // New creates an empty store whose host images live in arena. The store owns
 // the arena from now on and closes it in Close.
 func New(arena *Arena, opts Options) *Store {
-	s := &Store{arena: arena, log: opts.Logger, models: map[string]*Model{}}
+	s := &Store{arena: arena, log: opts.Logger, gpus: opts.GPUs, models: map[string]*Model{}}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
 	s.nextIno.Store(1)
 	return s
 }
+
+// GPUs are the devices weights are replicated to (nil: host only).
+func (s *Store) GPUs() *GPUs { return s.gpus }
 
 // Arena is where the store keeps host images.
 func (s *Store) Arena() *Arena { return s.arena }
@@ -216,6 +224,7 @@ type Version struct {
 	bytes    int64
 	loadedAt time.Time
 	loadTime time.Duration
+	gpuErr   error
 }
 
 // Model is the name of the model this version belongs to.
@@ -245,9 +254,16 @@ func (v *Version) LoadedAt() time.Time { return v.loadedAt }
 // LoadTime is how long loading took.
 func (v *Version) LoadTime() time.Duration { return v.loadTime }
 
+// GPUError says why the version is not on the GPUs it was meant for (nil
+// when it is, or when no GPU was asked for). The host copy serves regardless.
+func (v *Version) GPUError() error { return v.gpuErr }
+
 func (v *Version) free() error {
 	var errs []error
 	for _, f := range v.files {
+		if err := f.freeGPU(); err != nil {
+			errs = append(errs, fmt.Errorf("free %s/%s: %w", v.Name(), f.path, err))
+		}
 		if err := f.buf.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("free %s/%s: %w", v.Name(), f.path, err))
 		}
@@ -301,6 +317,10 @@ type File struct {
 	source string
 	header *safetensors.Header
 	buf    *Buffer
+
+	// Set while loading, fixed once the version is committed.
+	replicas []*replica
+	pinned   *cuda.Context // the context the host image is registered with
 }
 
 // Name is the file's base name.

@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/pflag"
 	"golang.org/x/term"
 
+	"github.com/weightfs/weightfs/cuda"
 	wfs "github.com/weightfs/weightfs/fs"
 	"github.com/weightfs/weightfs/store"
 	"github.com/weightfs/weightfs/store/demo"
@@ -60,6 +61,9 @@ type mountFlags struct {
 	debug      bool
 	logFormat  string
 	mountpoint string
+	gpus       []string
+	allowUIDs  []uint
+	allowGIDs  []uint
 }
 
 func parseMountFlags(args []string, stderr io.Writer) (*mountFlags, error) {
@@ -75,6 +79,9 @@ func parseMountFlags(args []string, stderr io.Writer) (*mountFlags, error) {
 	fl.BoolVar(&f.demo, "demo", false, "serve the built-in demo model as \"demo\"")
 	fl.BoolVar(&f.cached, "cached", false, "serve reads from the daemon with the kernel page cache instead of FUSE passthrough")
 	fl.BoolVar(&f.allowOther, "allow-other", os.Geteuid() == 0, "let other users read the mount (default when run as root)")
+	fl.StringArrayVar(&f.gpus, "gpu", nil, "also keep weights on this GPU (CUDA index or UUID; repeatable)")
+	fl.UintSliceVar(&f.allowUIDs, "gpu-allow-uid", nil, "uids that may read GPU handles (default: the daemon's uid and root)")
+	fl.UintSliceVar(&f.allowGIDs, "gpu-allow-gid", nil, "gids that may read GPU handles")
 	fl.BoolVar(&f.debug, "debug", false, "log every FUSE request")
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 	// pflag prints its own message for unknown flags; keep it to our one line.
@@ -147,11 +154,28 @@ func runMount(args []string, stdout, stderr io.Writer) error {
 		log.Warn("host images in memfd without huge pages; mmap readers will be slower",
 			"reason", arena.FallbackReason())
 	}
-	st := store.New(arena, store.Options{Logger: log})
+	gpus, closeGPUs, err := openGPUs(f.gpus, log)
+	if err != nil {
+		arena.Close()
+		return err
+	}
+	defer closeGPUs()
+	st := store.New(arena, store.Options{Logger: log, GPUs: gpus})
 	defer st.Close()
 
+	var allowUIDs, allowGIDs []uint32
+	for _, id := range f.allowUIDs {
+		allowUIDs = append(allowUIDs, uint32(id))
+	}
+	for _, id := range f.allowGIDs {
+		allowGIDs = append(allowGIDs, uint32(id))
+	}
+	if allowUIDs != nil || allowGIDs != nil {
+		allowUIDs = append(allowUIDs, 0, uint32(os.Getuid()))
+	}
 	srv, err := wfs.Mount(f.mountpoint, st, wfs.Options{
 		ForceCached: f.cached, AllowOther: f.allowOther, Logger: log, Debug: f.debug,
+		AllowUIDs: allowUIDs, AllowGIDs: allowGIDs,
 	})
 	if err != nil {
 		return err
@@ -238,9 +262,13 @@ func loadOne(ctx context.Context, st *store.Store, m modelSpec, mountpoint strin
 		return
 	}
 	secs := v.LoadTime().Seconds()
-	fmt.Fprintf(stdout, "weightfs: %s → %s (%d files, %s in %.2fs, %s/s)\n",
+	where := "host"
+	if gpus := st.GPUs().List(); len(gpus) > 0 && v.GPUError() == nil {
+		where = fmt.Sprintf("host + %d GPU", len(gpus))
+	}
+	fmt.Fprintf(stdout, "weightfs: %s → %s (%d files, %s in %.2fs, %s/s, %s)\n",
 		m.name, filepath.Join(mountpoint, v.Name()), len(v.Files()),
-		humanBytes(v.Bytes()), secs, humanBytes(int64(float64(v.Bytes())/max(secs, 1e-9))))
+		humanBytes(v.Bytes()), secs, humanBytes(int64(float64(v.Bytes())/max(secs, 1e-9))), where)
 }
 
 func isTerminal(w io.Writer) bool {
@@ -272,4 +300,27 @@ func writeDemo() (string, error) {
 		return "", fmt.Errorf("write demo model to %s: %w", dir, err)
 	}
 	return dir, nil
+}
+
+// openGPUs prepares the --gpu devices. Without a CUDA driver the daemon says
+// so once and runs host-only; an unknown device is an error.
+func openGPUs(ids []string, log *slog.Logger) (*store.GPUs, func(), error) {
+	if len(ids) == 0 {
+		return nil, func() {}, nil
+	}
+	driver, err := cuda.Open()
+	if err != nil {
+		log.Warn("no CUDA driver: running host-only", "err", err)
+		return nil, func() {}, nil
+	}
+	gpus, err := store.OpenGPUs(driver, ids)
+	if err != nil {
+		driver.Close()
+		return nil, nil, usagef("%v", err)
+	}
+	for _, g := range gpus.List() {
+		d := g.Device()
+		log.Info("GPU residency", "gpu", d.Ordinal, "uuid", d.UUID, "name", d.Name)
+	}
+	return gpus, func() { gpus.Close(); driver.Close() }, nil
 }

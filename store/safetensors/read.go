@@ -164,6 +164,15 @@ func Parse(file []byte) (*Header, error) {
 // does, including that the tensors exactly tile the data section up to the
 // end of the file. Format problems are returned as *FormatError; read errors
 // are wrapped.
+//
+// It accepts what the reference (the Rust safetensors crate, checked against
+// version 0.8) accepts, with one exception: a repeated key anywhere in the
+// header (a tensor name, "__metadata__", a metadata key, a field of a tensor
+// entry) is an error, where the reference silently keeps one of the values
+// (it rejects only a repeated "dtype", "shape" or "data_offsets").
+// Like the reference it accepts whitespace before and after the JSON object,
+// "__metadata__": null (as absent) and unknown fields in tensor entries, and
+// rejects lone UTF-16 surrogates in \u escapes and nesting deeper than 127.
 func ReadHeader(r io.ReaderAt, fileSize int64) (*Header, error) {
 	if fileSize < 8 {
 		return nil, formatErr("file is %d bytes, shorter than the 8-byte header length", fileSize)
@@ -214,9 +223,6 @@ func parseHeader(buf []byte, dataSize int64) (*Header, error) {
 	if !utf8.Valid(buf) {
 		return nil, formatErr("header is not valid UTF-8")
 	}
-	if buf[0] != '{' {
-		return nil, formatErr("header does not start with '{'")
-	}
 	if !json.Valid(buf) {
 		err := json.Unmarshal(buf, new(json.RawMessage))
 		var se *json.SyntaxError
@@ -224,6 +230,11 @@ func parseHeader(buf []byte, dataSize int64) (*Header, error) {
 			return nil, formatErr("header is not valid JSON: %v (at byte %d)", se, se.Offset)
 		}
 		return nil, formatErr("header is not valid JSON: %v", err)
+	}
+	// The reference (safetensors 0.8) lets JSON whitespace precede the
+	// object: it has no check that the header starts with '{'.
+	if first := bytes.TrimLeft(buf, " \t\r\n"); first[0] != '{' {
+		return nil, formatErr("header is not a JSON object")
 	}
 	if err := checkStrictJSON(buf); err != nil {
 		return nil, err
@@ -424,6 +435,11 @@ func readMetadata(dec *json.Decoder) (map[string]string, error) {
 	tok, err := dec.Token()
 	if err != nil {
 		return nil, formatErr("header is not valid JSON: %v", err)
+	}
+	if tok == nil {
+		// The reference reads "__metadata__" as an optional map: null is
+		// the same as absent.
+		return nil, nil
 	}
 	if tok != json.Delim('{') {
 		return nil, formatErr("%q is %s, not a JSON object", metadataKey, describe(tok))

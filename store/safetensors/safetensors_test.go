@@ -267,15 +267,19 @@ func TestWriteRejects(t *testing.T) {
 	}
 }
 
-func TestParseAccepts(t *testing.T) {
-	cases := []struct {
-		name   string
-		file   []byte
-		names  []string // in file order
-		md     map[string]string
-		offset int64
-	}{
+type acceptCase struct {
+	name   string
+	file   []byte
+	names  []string // in file order
+	md     map[string]string
+	offset int64
+}
+
+func acceptCases() []acceptCase {
+	return []acceptCase{
 		{"empty", file(`{}`, 0), nil, nil, 10},
+		{"leading whitespace", file(" \t\r\n{}", 0), nil, nil, 14},
+		{"metadata null", file(`{"__metadata__":null}`, 0), nil, nil, 0},
 		{"empty metadata", file(`{"__metadata__":{}}`, 0), nil, map[string]string{}, 27},
 		{"padding", file(`{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}   `+"\t\n\r", 2), []string{"a"}, nil, 0},
 		{"scalar", file(`{"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]}}`, 4), []string{"s"}, nil, 0},
@@ -287,8 +291,12 @@ func TestParseAccepts(t *testing.T) {
 		{"F6 four", file(`{"a":{"dtype":"F6_E3M2","shape":[4],"data_offsets":[0,3]}}`, 3), []string{"a"}, nil, 0},
 		{"escaped name", file(`{"a\u00e9\ud83d\ude00\"":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}`, 1), []string{"a\u00e9\U0001F600\""}, nil, 0},
 		{"huge dim times zero", file(`{"a":{"dtype":"F64","shape":[0,9223372036854775807],"data_offsets":[0,0]}}`, 0), []string{"a"}, nil, 0},
+		{"deepest nesting", file(`{"a":{"dtype":"U8","x":`+strings.Repeat("[", 125)+strings.Repeat("]", 125)+`,"shape":[],"data_offsets":[0,1]}}`, 1), []string{"a"}, nil, 0},
 	}
-	for _, c := range cases {
+}
+
+func TestParseAccepts(t *testing.T) {
+	for _, c := range acceptCases() {
 		t.Run(c.name, func(t *testing.T) {
 			h, err := Parse(c.file)
 			if err != nil {
@@ -311,16 +319,18 @@ func TestParseAccepts(t *testing.T) {
 	}
 }
 
-func TestParseRejects(t *testing.T) {
+type rejectCase struct {
+	name string
+	file []byte
+	want string
+}
+
+func rejectCases() []rejectCase {
 	const a = `"a":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}`
 	lenPrefix := func(n uint64, rest string) []byte {
 		return append(binary.LittleEndian.AppendUint64(nil, n), rest...)
 	}
-	cases := []struct {
-		name string
-		file []byte
-		want string
-	}{
+	return []rejectCase{
 		{"empty file", nil, "file is 0 bytes, shorter than the 8-byte header length"},
 		{"short file", []byte{1, 0, 0}, "file is 3 bytes"},
 		{"header too large", lenPrefix(MaxHeaderSize+1, "{}"), "header length 100000001 exceeds the maximum of 100000000 bytes"},
@@ -328,8 +338,10 @@ func TestParseRejects(t *testing.T) {
 		{"huge length", lenPrefix(1<<63, "{}"), "header length 9223372036854775808 exceeds the maximum"},
 		{"zero length", lenPrefix(0, ""), "header is empty"},
 		{"bad utf8", file("{\"\xff\":1}", 0), "header is not valid UTF-8"},
-		{"leading space", file(` {}`, 0), "header does not start with '{'"},
-		{"array", file(`[]`, 0), "header does not start with '{'"},
+		{"array", file(`[]`, 0), "header is not a JSON object"},
+		{"string", file(` "{}"`, 0), "header is not a JSON object"},
+		{"whitespace only", file(`   `, 0), "header is not valid JSON"},
+		{"byte order mark", file("\ufeff{}", 0), "header is not valid JSON"},
 		{"truncated", file(`{"a":`, 0), "header is not valid JSON"},
 		{"two values", file(`{} {}`, 0), "header is not valid JSON"},
 		{"trailing garbage", file(`{}x`, 0), "header is not valid JSON"},
@@ -340,7 +352,6 @@ func TestParseRejects(t *testing.T) {
 		{"surrogate pair reversed", file(`{"\ude00\ud83d":{}}`, 0), `lone trailing surrogate`},
 		{"too deep", file(`{"a":{"dtype":"U8","x":`+strings.Repeat("[", 126)+strings.Repeat("]", 126)+`}}`, 0), "nests deeper than 127 levels"},
 		{"metadata not object", file(`{"__metadata__":["x"]}`, 0), `"__metadata__" is an array, not a JSON object`},
-		{"metadata null", file(`{"__metadata__":null}`, 0), `"__metadata__" is null, not a JSON object`},
 		{"metadata number value", file(`{"__metadata__":{"format":1}}`, 0), `metadata value for "format" is not a string but a number`},
 		{"metadata null value", file(`{"__metadata__":{"format":null}}`, 0), `metadata value for "format" is not a string but null`},
 		{"metadata object value", file(`{"__metadata__":{"format":{}}}`, 0), `metadata value for "format" is not a string but an object`},
@@ -386,7 +397,10 @@ func TestParseRejects(t *testing.T) {
 		{"trailing data", file(`{`+a+`}`, 3), `data section is 3 bytes but the tensors end at 2: 1 trailing bytes`},
 		{"no tensors with data", file(`{"__metadata__":{}}`, 5), `header has no tensors but the data section is 5 bytes`},
 	}
-	for _, c := range cases {
+}
+
+func TestParseRejects(t *testing.T) {
+	for _, c := range rejectCases() {
 		t.Run(c.name, func(t *testing.T) {
 			h, err := Parse(c.file)
 			if err == nil {
