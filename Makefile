@@ -1,4 +1,6 @@
 # weightfs: the two set-up commands are `make run` and `make test` (README.md).
+SHELL    := bash
+.SHELLFLAGS := -o pipefail -c
 GO       ?= go
 BIN      := bin/weightfs
 MNT      ?= /mnt/weightfs
@@ -33,7 +35,7 @@ test-go:
 	$(GO) test $(GOFLAGS) -count=1 -timeout 40m ./...
 
 test-python:
-	python3 -m unittest discover -s integration/python/tests -t integration/python -v
+	python3 -m unittest discover -s integration/python/tests -v
 
 ## bench: side-by-side throughput of the mount against tmpfs (prints ratios).
 bench:
@@ -47,3 +49,11 @@ fuzz:
 
 clean:
 	rm -rf bin .devbuild
+
+## gpu-test: on a GPU machine, as root: mount a small model with --gpu 0 and check real loaders.
+gpu-test: build
+	python3 integration/gpu/gpu_test.py --bin $(BIN) 2>&1 | tee docs/gpu-test.log
+
+## gpu-bench: on a GPU machine, as root: a Qwen3-8B-shaped checkpoint, loaders side by side.
+gpu-bench: build
+	python3 integration/gpu/gpu_bench.py --bin $(BIN)

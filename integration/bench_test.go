@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"os"
@@ -14,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/weightfs/weightfs/store"
 	"github.com/weightfs/weightfs/store/safetensors"
 )
 
@@ -56,7 +58,8 @@ func TestBenchReport(t *testing.T) {
 	for _, mode := range readModes {
 		m := mountStore(t, mode.cached)
 		start := time.Now()
-		v := m.load(t, "bench", src)
+		v, err := m.store.Load(context.Background(), "bench", src, store.LoadOptions{}) // the daemon's defaults
+		must(t, err)
 		secs := time.Since(start).Seconds()
 		loads = append(loads, fmt.Sprintf("load into %s mount: %.2f s, %.2f GB/s", mode.name, secs, float64(v.Bytes())/secs/1e9))
 		rows = append(rows, measure("weightfs "+m.srv.Mode().String(), filepath.Join(m.dir, "bench", "model.safetensors")))

@@ -1,0 +1,273 @@
+#!/usr/bin/env python3
+"""make gpu-test: weightfs with --gpu 0 against real loaders, on a GPU machine, as root.
+
+Builds a small LLaMA-shaped transformers model with random weights, mounts it with the
+weightfs binary given by --bin, then checks:
+  (a) AutoModelForCausalLM.from_pretrained(<mount>) gives the logits of the original folder;
+  (b) the zero-copy loader gives the same logits and its tensors lie inside the daemon's slabs;
+  (c) safetensors.safe_open reads every mounted file and every tensor equals the source;
+  (d) a second process maps the same handles at the same time;
+  (e) a uid that is not allowed gets EACCES (xattr and ioctl);
+  (f) a file whose tensors are not naturally aligned in the source loads correctly.
+Prints one line per check and "N passed, N failed" last; exits non-zero on any failure.
+"""
+import argparse
+import datetime
+import fcntl
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "python"))
+
+import torch  # noqa: E402
+import weightfs  # noqa: E402
+
+IOCTL_CUDA_MANIFEST = 0xBFF85701  # _IOR('W', 1, struct weightfs_cuda_manifest), 16376 bytes
+IOCTL_SIZE = 16376
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def make_model(src):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=3,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
+        tie_word_embeddings=False, torch_dtype="bfloat16",
+    )
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    model.save_pretrained(src, max_shard_size="1MB", safe_serialization=True)
+    return cfg
+
+
+def write_odd(folder):
+    """A file whose second tensor is not naturally aligned in the source: a 3-element BF16
+    tensor (6 bytes) followed by an F32 tensor starting at data offset 6."""
+    os.makedirs(folder, exist_ok=True)
+    a = torch.tensor([1.5, -2.25, 3.0], dtype=torch.bfloat16)
+    b = torch.arange(5, dtype=torch.float32) * 0.5 + 0.25
+    c = torch.tensor([7, -8, 9], dtype=torch.int64)
+    ab = a.view(torch.uint8).numpy().tobytes()
+    bb = b.view(torch.uint8).numpy().tobytes()
+    cb = c.view(torch.uint8).numpy().tobytes()
+    header = {
+        "a": {"dtype": "BF16", "shape": [3], "data_offsets": [0, 6]},
+        "b": {"dtype": "F32", "shape": [5], "data_offsets": [6, 26]},
+        "c": {"dtype": "I64", "shape": [3], "data_offsets": [26, 50]},
+    }
+    h = json.dumps(header).encode()
+    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h + ab + bb + cb)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        f.write("{}")
+    return {"a": a, "b": b, "c": c}
+
+
+def wait_resident(path, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if "GPU-" in os.getxattr(path, "user.weightfs.residency").decode():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{path} did not become GPU-resident in {timeout}s")
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+CHILD = r"""
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import weightfs
+path = sys.argv[2]
+t = weightfs.load_file(path)
+total = sum(float(v.float().sum()) for v in t.values())
+ranges = weightfs.gpu_pointer_ranges(path)
+print(repr(total), len(ranges), flush=True)
+sys.stdin.readline()   # hold the mapping until the parent says so
+"""
+
+DENIED = r"""
+import errno, fcntl, os, sys
+path = sys.argv[1]
+os.setgid(65534); os.setuid(65534)
+res = []
+try:
+    os.getxattr(path, "user.weightfs.cuda"); res.append("xattr:allowed")
+except OSError as e:
+    res.append("xattr:" + errno.errorcode.get(e.errno, str(e.errno)))
+fd = os.open(path, os.O_RDONLY)
+try:
+    fcntl.ioctl(fd, 0xBFF85701, bytearray(16376)); res.append("ioctl:allowed")
+except OSError as e:
+    res.append("ioctl:" + errno.errorcode.get(e.errno, str(e.errno)))
+print(" ".join(res))
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True, help="the weightfs binary")
+    ap.add_argument("--log", help="also append the output here")
+    args = ap.parse_args()
+
+    results = []
+
+    def check(name, fn):
+        t0 = time.time()
+        try:
+            detail = fn() or ""
+            results.append(True)
+            log(f"PASS {name} ({time.time() - t0:.2f}s) {detail}")
+        except Exception as e:  # report every check, keep going
+            results.append(False)
+            log(f"FAIL {name}: {e}")
+            traceback.print_exc()
+
+    log(f"weightfs gpu-test {datetime.datetime.now().isoformat(timespec='seconds')} "
+        f"torch {torch.__version__} {torch.cuda.get_device_name(0)}")
+    work = tempfile.mkdtemp(prefix="weightfs-gpu-test-")
+    os.chmod(work, 0o755)  # (e) runs as uid 65534: the refusal must come from weightfs, not from here
+    src, odd, mnt = (os.path.join(work, d) for d in ("src", "odd", "mnt"))
+    os.makedirs(mnt)
+    cfg = make_model(src)
+    odd_want = write_odd(odd)
+    shards = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
+    log(f"model: {len(shards)} shards in {src}")
+
+    daemon = subprocess.Popen([args.bin, "mount", mnt, "--model", f"tiny={src}", "--model", f"odd={odd}",
+                               "--gpu", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        for s in shards:
+            wait_resident(os.path.join(mnt, "tiny", s))
+        wait_resident(os.path.join(mnt, "odd", "model.safetensors"))
+        mounted = os.path.join(mnt, "tiny")
+        ids = torch.randint(0, cfg.vocab_size, (2, 17), device="cuda")
+        from transformers import AutoModelForCausalLM
+
+        ref_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).cuda().eval()
+        ref = logits(ref_model, ids)
+        del ref_model
+
+        def a():
+            m = AutoModelForCausalLM.from_pretrained(mounted, dtype=torch.bfloat16).cuda().eval()
+            got = logits(m, ids)
+            if not torch.equal(got, ref):
+                raise AssertionError(f"max diff {(got - ref).abs().max()}")
+            return "logits equal"
+        check("(a) from_pretrained(mount) == from_pretrained(source)", a)
+
+        def b():
+            with torch.device("meta"):
+                m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+            m = weightfs.load_model(m, mounted).eval()
+            got = logits(m, ids)
+            if not torch.equal(got, ref):
+                raise AssertionError(f"max diff {(got - ref).abs().max()}")
+            ranges = []
+            for s in shards:
+                ranges += weightfs.gpu_pointer_ranges(os.path.join(mounted, s))
+            outside = [n for n, p in m.named_parameters()
+                       if p.numel() and not any(base <= p.data_ptr() and p.data_ptr() + p.numel() * p.element_size() <= base + size
+                                                for _, base, size in ranges)]
+            if outside:
+                raise AssertionError(f"{len(outside)} parameters outside the daemon's slabs, e.g. {outside[:3]}")
+            return f"logits equal; {sum(1 for _ in m.parameters())} parameters inside {len(ranges)} slabs"
+        check("(b) zero-copy load_model: same logits, pointers inside the slabs", b)
+
+        def c():
+            from safetensors import safe_open
+            n = 0
+            for s in shards:
+                with safe_open(os.path.join(mounted, s), "pt") as fm, safe_open(os.path.join(src, s), "pt") as fs:
+                    if sorted(fm.keys()) != sorted(fs.keys()):
+                        raise AssertionError(f"{s}: tensor names differ")
+                    for k in fs.keys():
+                        if not torch.equal(fm.get_tensor(k), fs.get_tensor(k)):
+                            raise AssertionError(f"{s}: {k} differs")
+                        n += 1
+            return f"{n} tensors equal"
+        check("(c) safetensors.safe_open on the mount == source", c)
+
+        def d():
+            path = os.path.join(mounted, shards[0])
+            mine = weightfs.load_file(path)
+            total = sum(float(v.float().sum()) for v in mine.values())
+            kids = [subprocess.Popen([sys.executable, "-c", CHILD, os.path.join(HERE, "..", "python"), path],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+            outs = [k.stdout.readline().split() for k in kids]  # both hold their mappings now
+            for k in kids:
+                k.stdin.write("\n")
+                k.stdin.flush()
+                k.wait(timeout=60)
+            for o in outs:
+                if len(o) != 2 or float(o[0]) != total or o[1] != "1":
+                    raise AssertionError(f"child saw {o}, parent sum {total!r}")
+            return f"parent and 2 children mapped the slab at once, sums equal ({total:.4f})"
+        check("(d) other processes map the same handles concurrently", d)
+
+        def e():
+            path = os.path.join(mounted, shards[0])
+            out = subprocess.run([sys.executable, "-c", DENIED, path], capture_output=True, text=True, timeout=60)
+            if out.stdout.strip() != "xattr:EACCES ioctl:EACCES":
+                raise AssertionError(f"uid 65534 got {out.stdout.strip()!r} {out.stderr.strip()}")
+            buf = bytearray(IOCTL_SIZE)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                fcntl.ioctl(fd, IOCTL_CUDA_MANIFEST, buf)
+            finally:
+                os.close(fd)
+            n = struct.unpack_from("<I", buf)[0]
+            if json.loads(bytes(buf[8:8 + n])) != json.loads(os.getxattr(path, "user.weightfs.cuda")):
+                raise AssertionError("ioctl and xattr manifests differ")
+            return "uid 65534: EACCES for xattr and ioctl; root: ioctl == xattr"
+        check("(e) a uid that is not allowed gets EACCES", e)
+
+        def f():
+            path = os.path.join(mnt, "odd", "model.safetensors")
+            got = weightfs.load_file(path)
+            if not weightfs.gpu_pointer_ranges(path):
+                raise AssertionError("not loaded zero-copy")
+            for k, v in odd_want.items():
+                if not torch.equal(got[k].cpu(), v):
+                    raise AssertionError(f"{k}: {got[k]} != {v}")
+                if got[k].data_ptr() % 256:
+                    raise AssertionError(f"{k} not 256-aligned on the slab")
+            return "BF16[3] then F32[5] then I64[3]: values equal, each 256-aligned"
+        check("(f) tensors not naturally aligned in the source", f)
+    finally:
+        os.killpg(daemon.pid, signal.SIGTERM)
+        try:
+            out, _ = daemon.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            out, _ = daemon.communicate()
+        log("--- daemon output ---\n" + out.strip())
+    passed, failed = results.count(True), results.count(False)
+    log(f"{passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

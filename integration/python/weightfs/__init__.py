@@ -1,0 +1,60 @@
+"""weightfs: load model weights from a weightfs mount, zero-copy from GPU memory when the daemon
+holds them there.
+
+``weightfs.manifest`` (header parsing, slab layout, the ``user.weightfs.cuda`` record) needs only
+the standard library. ``load_file``, ``state_dict``, ``load_model`` and ``gpu_pointer_ranges``
+import torch when called.
+"""
+
+from .manifest import (
+    DEFAULT_ALIGN,
+    IPC_HANDLE_SIZE,
+    TORCH_DTYPE_NAMES,
+    XATTR_CUDA,
+    Header,
+    HeaderError,
+    Manifest,
+    ManifestError,
+    Replica,
+    SlabEntry,
+    TensorInfo,
+    UnsupportedDtypeError,
+    parse_cuda_manifest,
+    parse_header,
+    read_cuda_manifest,
+    read_header,
+    slab_end,
+    slab_layout,
+    torch_dtype_name,
+)
+from .torch_loader import gpu_pointer_ranges, load_file, load_model, state_dict, torch_dtype
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_ALIGN",
+    "IPC_HANDLE_SIZE",
+    "TORCH_DTYPE_NAMES",
+    "XATTR_CUDA",
+    "Header",
+    "HeaderError",
+    "Manifest",
+    "ManifestError",
+    "Replica",
+    "SlabEntry",
+    "TensorInfo",
+    "UnsupportedDtypeError",
+    "gpu_pointer_ranges",
+    "load_file",
+    "load_model",
+    "parse_cuda_manifest",
+    "parse_header",
+    "read_cuda_manifest",
+    "read_header",
+    "slab_end",
+    "slab_layout",
+    "state_dict",
+    "torch_dtype",
+    "torch_dtype_name",
+    "__version__",
+]

@@ -1,0 +1,568 @@
+"""The weightfs file protocol, standard library only.
+
+Three things live here:
+
+* a strict parser for the safetensors header (8-byte little-endian length ``n``, then ``n``
+  bytes of a JSON object whose keys are tensor names, plus an optional ``__metadata__``);
+* the slab layout rule that places a weights file's tensors in its GPU slab;
+* the ``user.weightfs.cuda`` extended attribute: the JSON record that says on which GPUs the
+  file is resident and carries the CUDA IPC handle of each slab.
+
+Nothing here imports torch; :mod:`weightfs.torch_loader` builds tensors from what this module
+computes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import io
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Mapping, Union
+
+__all__ = [
+    "XATTR_CUDA",
+    "MAX_HEADER_SIZE",
+    "DEFAULT_ALIGN",
+    "IPC_HANDLE_SIZE",
+    "DTYPE_BITS",
+    "TORCH_DTYPE_NAMES",
+    "HeaderError",
+    "ManifestError",
+    "UnsupportedDtypeError",
+    "TensorInfo",
+    "Header",
+    "SlabEntry",
+    "Replica",
+    "Manifest",
+    "read_header",
+    "parse_header",
+    "slab_layout",
+    "slab_end",
+    "torch_dtype_name",
+    "parse_cuda_manifest",
+    "read_cuda_manifest",
+    "normalize_gpu_uuid",
+]
+
+#: Extended attribute that carries the GPU manifest of a weights file.
+XATTR_CUDA = "user.weightfs.cuda"
+#: Largest header accepted (same limit as the safetensors library).
+MAX_HEADER_SIZE = 100_000_000
+#: Slab alignment used by the daemon (the manifest says which one applies).
+DEFAULT_ALIGN = 256
+#: Size of a legacy ``CUipcMemHandle``.
+IPC_HANDLE_SIZE = 64
+
+#: safetensors dtype -> bits per element.
+DTYPE_BITS: dict[str, int] = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E4M3": 8,
+    "F8_E5M2": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "C64": 64,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+}
+
+#: safetensors dtype -> name of the torch dtype (``getattr(torch, name)``); ``None``: torch has
+#: no such dtype.
+TORCH_DTYPE_NAMES: dict[str, str | None] = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "C64": "complex64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F4": None,
+    "F6_E2M3": None,
+    "F6_E3M2": None,
+}
+
+PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+
+class HeaderError(ValueError):
+    """The safetensors header of a file is malformed."""
+
+
+class ManifestError(ValueError):
+    """The ``user.weightfs.cuda`` record of a file is malformed."""
+
+
+class UnsupportedDtypeError(TypeError):
+    """A safetensors dtype has no torch equivalent."""
+
+
+def _where(path: Any) -> str:
+    if path is None:
+        return "<bytes>"
+    if isinstance(path, bytes):
+        return os.fsdecode(path)
+    if isinstance(path, int):
+        return f"<fd {path}>"
+    return os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors header
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a safetensors header. ``data_offsets`` are relative to the data section."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]
+
+    @property
+    def begin(self) -> int:
+        return self.data_offsets[0]
+
+    @property
+    def end(self) -> int:
+        return self.data_offsets[1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data_offsets[1] - self.data_offsets[0]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Header:
+    """A parsed safetensors header.
+
+    ``header_size`` is the ``n`` of the 8-byte prefix; the data section starts at
+    ``data_offset = 8 + n``. ``file_size`` is ``None`` when the header was parsed from a buffer
+    of unknown total size. ``tensors`` keeps the order of the JSON object.
+    """
+
+    header_size: int
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str] | None = None
+    file_size: int | None = None
+    path: str | None = None
+
+    @property
+    def data_offset(self) -> int:
+        return 8 + self.header_size
+
+    @property
+    def data_size(self) -> int:
+        """End of the last tensor (the data section length of a valid file)."""
+        return max((t.end for t in self.tensors.values()), default=0)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"invalid JSON constant {name}")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _parse_header_json(raw: bytes, header_size: int, file_size: int | None, where: str,
+                       strict: bool) -> Header:
+    def fail(msg: str) -> HeaderError:
+        return HeaderError(f"{where}: invalid safetensors header: {msg}")
+
+    if not raw.startswith(b"{"):
+        raise fail("JSON header does not start with '{'")
+    try:
+        text = raw.decode("utf-8")
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise fail(f"not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise fail("JSON header is not an object")
+
+    data_size = None if file_size is None else file_size - 8 - header_size
+    metadata: dict[str, str] | None = None
+    tensors: dict[str, TensorInfo] = {}
+    for name, info in obj.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise fail("__metadata__ must be an object of strings")
+            metadata = dict(info)
+            continue
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise fail(f"tensor name {name!r} is not valid UTF-8") from None
+        if not isinstance(info, dict):
+            raise fail(f"tensor {name!r}: entry is not an object")
+        dtype = info.get("dtype")
+        shape = info.get("shape")
+        offs = info.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise fail(f"tensor {name!r}: missing or non-string dtype")
+        bits = DTYPE_BITS.get(dtype)
+        if bits is None:
+            raise fail(f"tensor {name!r}: unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise fail(f"tensor {name!r}: shape must be a list of non-negative integers")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs)
+                or not 0 <= offs[0] <= offs[1]):
+            raise fail(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
+        if strict:
+            extra = set(info) - {"dtype", "shape", "data_offsets"}
+            if extra:
+                raise fail(f"tensor {name!r}: unexpected fields {sorted(extra)}")
+        t = TensorInfo(name, dtype, tuple(shape), (offs[0], offs[1]))
+        total_bits = t.numel * bits
+        if total_bits % 8:
+            raise fail(f"tensor {name!r}: {t.numel} elements of {dtype} are not a whole number "
+                       "of bytes")
+        if t.nbytes != total_bits // 8:
+            raise fail(f"tensor {name!r}: data_offsets span {t.nbytes} bytes, but shape "
+                       f"{list(t.shape)} of {dtype} needs {total_bits // 8}")
+        if data_size is not None and t.end > data_size:
+            raise fail(f"tensor {name!r}: data_offsets end {t.end} is past the data section "
+                       f"({data_size} bytes)")
+        tensors[name] = t
+
+    # Tensors must not overlap; a strict file (what the safetensors library accepts) has them
+    # back to back from offset 0 to the end of the file.
+    ordered = sorted(tensors.values(), key=lambda t: (t.begin, t.end))
+    pos = 0
+    for t in ordered:
+        if strict and t.begin != pos:
+            what = "gap before" if t.begin > pos else "overlap at"
+            raise fail(f"tensor {t.name!r}: {what} data offset {t.begin} (expected {pos})")
+        if t.begin < pos and t.nbytes:
+            raise fail(f"tensor {t.name!r}: overlaps the previous tensor at offset {t.begin}")
+        pos = max(pos, t.end)
+    if strict and data_size is not None and pos != data_size:
+        raise fail(f"data section is {data_size} bytes but tensors end at {pos}")
+    return Header(header_size=header_size, tensors=tensors, metadata=metadata,
+                  file_size=file_size, path=None if where == "<bytes>" else where)
+
+
+def _check_prefix(prefix: bytes, file_size: int | None, where: str) -> int:
+    if len(prefix) < 8:
+        raise HeaderError(f"{where}: invalid safetensors header: file is shorter than 8 bytes")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_SIZE:
+        raise HeaderError(f"{where}: invalid safetensors header: header length {n} exceeds "
+                          f"{MAX_HEADER_SIZE}")
+    if file_size is not None and 8 + n > file_size:
+        raise HeaderError(f"{where}: invalid safetensors header: header length {n} runs past the "
+                          f"end of the file ({file_size} bytes)")
+    return n
+
+
+def parse_header(data: bytes | bytearray | memoryview, file_size: int | None = None, *,
+                 strict: bool = True, path: PathLike | None = None) -> Header:
+    """Parse a safetensors header from the first bytes of a file.
+
+    ``data`` holds at least the 8-byte prefix and the JSON header. ``file_size`` (the whole
+    file's size) enables the bounds checks; when ``data`` is the whole file pass ``len(data)``.
+    """
+    where = _where(path)
+    data = bytes(data[: 8 + MAX_HEADER_SIZE]) if not isinstance(data, bytes) else data
+    n = _check_prefix(data[:8], file_size, where)
+    if len(data) < 8 + n:
+        raise HeaderError(f"{where}: invalid safetensors header: need {8 + n} bytes, got "
+                          f"{len(data)}")
+    return _parse_header_json(data[8:8 + n], n, file_size, where, strict)
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = f.read(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
+def _file_size(f: BinaryIO) -> int | None:
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        pass
+    try:
+        pos = f.tell()
+        size = f.seek(0, os.SEEK_END)
+        f.seek(pos)
+        return size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+
+
+def read_header(path_or_fileobj: PathLike | BinaryIO, *, strict: bool = True) -> Header:
+    """Read and validate the safetensors header of a file (path or binary file object).
+
+    A file object is read from offset 0 when it is seekable. Raises :class:`HeaderError` (a
+    ``ValueError``) naming the file when the header is malformed.
+    """
+    if isinstance(path_or_fileobj, (str, bytes, os.PathLike)):
+        with open(path_or_fileobj, "rb") as f:
+            return _read_header_from(f, _where(path_or_fileobj), strict)
+    f = path_or_fileobj
+    where = _where(getattr(f, "name", None) or "<file object>")
+    try:
+        if f.seekable():
+            f.seek(0)
+    except (AttributeError, OSError):
+        pass
+    return _read_header_from(f, where, strict)
+
+
+def _read_header_from(f: BinaryIO, where: str, strict: bool) -> Header:
+    size = _file_size(f)
+    prefix = _read_exact(f, 8)
+    n = _check_prefix(prefix, size, where)
+    raw = _read_exact(f, n)
+    if len(raw) != n:
+        raise HeaderError(f"{where}: invalid safetensors header: file ends inside the header")
+    h = _parse_header_json(raw, n, size, where, strict)
+    return Header(h.header_size, h.tensors, h.metadata, h.file_size, where)
+
+
+# --------------------------------------------------------------------------------------------
+# slab layout
+
+
+@dataclass(frozen=True)
+class SlabEntry:
+    """Where one tensor lives in a GPU slab (``offset`` in bytes from the slab's start)."""
+
+    offset: int
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.nbytes
+
+
+def slab_layout(header: Header | Mapping[str, TensorInfo],
+                align: int = DEFAULT_ALIGN) -> dict[str, SlabEntry]:
+    """Place the tensors of ``header`` in a slab.
+
+    Tensors are taken in ascending order of their ``data_offsets`` begin (ties broken by name);
+    the first starts at 0, each next one at the previous one's end rounded up to ``align``.
+    The result is ordered by slab offset.
+    """
+    if not _is_int(align) or align <= 0:
+        raise ValueError(f"align must be a positive integer, got {align!r}")
+    tensors = header.tensors if isinstance(header, Header) else header
+    ordered = sorted(tensors.values(), key=lambda t: (t.begin, t.name.encode("utf-8")))
+    out: dict[str, SlabEntry] = {}
+    prev_end: int | None = None
+    for t in ordered:
+        off = 0 if prev_end is None else -(-prev_end // align) * align
+        out[t.name] = SlabEntry(off, t.nbytes, t.dtype, t.shape)
+        prev_end = off + t.nbytes
+    return out
+
+
+def slab_end(layout: Mapping[str, SlabEntry]) -> int:
+    """Bytes a slab needs for ``layout`` (end of its last tensor; 0 when empty)."""
+    return max((e.end for e in layout.values()), default=0)
+
+
+def torch_dtype_name(dtype: str) -> str:
+    """Name of the torch dtype for a safetensors dtype (``getattr(torch, name)``)."""
+    if dtype not in TORCH_DTYPE_NAMES:
+        raise UnsupportedDtypeError(f"unknown safetensors dtype {dtype!r}")
+    name = TORCH_DTYPE_NAMES[dtype]
+    if name is None:
+        raise UnsupportedDtypeError(
+            f"safetensors dtype {dtype} ({DTYPE_BITS[dtype]}-bit) has no torch dtype; "
+            "load such tensors with a library that unpacks sub-byte formats")
+    return name
+
+
+# --------------------------------------------------------------------------------------------
+# user.weightfs.cuda
+
+
+def normalize_gpu_uuid(gpu: str) -> str:
+    """``"GPU-ABC..."`` -> ``"abc..."``: the form ``str(torch.cuda.get_device_properties(i).uuid)``
+    prints."""
+    u = gpu.strip().lower()
+    return u[4:] if u.startswith("gpu-") else u
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A slab of a weights file on one GPU."""
+
+    gpu: str  # "GPU-<uuid>", as NVML prints it
+    handle: bytes  # the 64-byte CUipcMemHandle of the slab
+    slab_bytes: int
+
+    @property
+    def uuid(self) -> str:
+        """The GPU UUID in lower case, without the ``GPU-`` prefix."""
+        return normalize_gpu_uuid(self.gpu)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The decoded ``user.weightfs.cuda`` record of one weights file."""
+
+    schema: int
+    file_size: int
+    data_offset: int
+    align: int
+    replicas: tuple[Replica, ...]
+    path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def layout(self, header: Header) -> dict[str, SlabEntry]:
+        """The slab layout of ``header`` after checking that this manifest describes that file
+        (same size and data offset, every slab large enough). Raises :class:`ManifestError`."""
+        where = _where(self.path or header.path)
+        if header.file_size is not None and header.file_size != self.file_size:
+            raise ManifestError(f"{where}: {XATTR_CUDA}: file_size {self.file_size} does not match "
+                                f"the file ({header.file_size} bytes)")
+        if header.data_offset != self.data_offset:
+            raise ManifestError(f"{where}: {XATTR_CUDA}: data_offset {self.data_offset} does not "
+                                f"match the file's header ({header.data_offset})")
+        layout = slab_layout(header, self.align)
+        need = slab_end(layout)
+        for r in self.replicas:
+            if r.slab_bytes < need:
+                raise ManifestError(f"{where}: {XATTR_CUDA}: slab on {r.gpu} has {r.slab_bytes} "
+                                    f"bytes, the layout needs {need}")
+        return layout
+
+
+def parse_cuda_manifest(data: bytes | str, path: PathLike | None = None) -> Manifest:
+    """Decode a ``user.weightfs.cuda`` value. Raises :class:`ManifestError` (a ``ValueError``)
+    naming ``path`` when the value is malformed."""
+    where = _where(path)
+
+    def fail(msg: str) -> ManifestError:
+        return ManifestError(f"{where}: malformed {XATTR_CUDA}: {msg}")
+
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise fail(f"not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise fail("not a JSON object")
+    schema = obj.get("schema")
+    if not _is_int(schema) or schema != 1:
+        raise fail(f"unsupported schema {schema!r} (this weightfs package reads schema 1)")
+
+    def nonneg(key: str, src: dict[str, Any], ctx: str = "") -> int:
+        v = src.get(key)
+        if not _is_int(v) or v < 0:
+            raise fail(f"{ctx}{key} must be a non-negative integer, got {v!r}")
+        return v
+
+    file_size = nonneg("file_size", obj)
+    data_offset = nonneg("data_offset", obj)
+    if data_offset < 8 or data_offset > file_size:
+        raise fail(f"data_offset {data_offset} is outside 8..file_size ({file_size})")
+    align = obj.get("align", DEFAULT_ALIGN)
+    if not _is_int(align) or align <= 0 or align & (align - 1):
+        raise fail(f"align must be a positive power of two, got {align!r}")
+    reps = obj.get("replicas", [])
+    if not isinstance(reps, list):
+        raise fail("replicas is not a list")
+    replicas = []
+    for i, r in enumerate(reps):
+        ctx = f"replicas[{i}]."
+        if not isinstance(r, dict):
+            raise fail(f"replicas[{i}] is not an object")
+        gpu = r.get("gpu")
+        if not isinstance(gpu, str) or not normalize_gpu_uuid(gpu):
+            raise fail(f"{ctx}gpu must be a GPU UUID string, got {gpu!r}")
+        h = r.get("handle")
+        if not isinstance(h, str):
+            raise fail(f"{ctx}handle must be a base64 string")
+        try:
+            handle = base64.b64decode(h, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise fail(f"{ctx}handle is not valid base64 ({e})") from None
+        if len(handle) != IPC_HANDLE_SIZE:
+            raise fail(f"{ctx}handle decodes to {len(handle)} bytes, expected {IPC_HANDLE_SIZE}")
+        slab_bytes = nonneg("slab_bytes", r, ctx)
+        replicas.append(Replica(gpu=gpu, handle=handle, slab_bytes=slab_bytes))
+    known = {"schema", "file_size", "data_offset", "align", "replicas"}
+    extra = {k: v for k, v in obj.items() if k not in known}
+    return Manifest(schema=schema, file_size=file_size, data_offset=data_offset, align=align,
+                    replicas=tuple(replicas), path=None if path is None else where, extra=extra)
+
+
+_NO_XATTR = {errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP}
+if hasattr(errno, "ENOATTR"):  # pragma: no cover - BSD spelling
+    _NO_XATTR.add(errno.ENOATTR)
+
+
+def read_cuda_manifest(path: PathLike | int) -> Manifest | None:
+    """Read ``user.weightfs.cuda`` of ``path`` (a path or an open file descriptor).
+
+    Returns ``None`` when the file has no GPU replica (attribute absent, or a filesystem or
+    platform without extended attributes). Raises :class:`ManifestError` naming the path when
+    the record is malformed; ``PermissionError`` when the daemon refuses the handles to this
+    user; ``FileNotFoundError`` and other ``OSError`` as ``os.getxattr`` does.
+    """
+    getxattr = getattr(os, "getxattr", None)
+    if getxattr is None:  # not Linux
+        return None
+    try:
+        raw = getxattr(path, XATTR_CUDA)
+    except OSError as e:
+        if e.errno in _NO_XATTR:
+            return None
+        raise
+    return parse_cuda_manifest(raw, path)

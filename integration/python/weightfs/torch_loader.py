@@ -1,0 +1,440 @@
+"""Load weights from a weightfs mount into torch, zero-copy when they are already on a GPU.
+
+torch is imported inside the functions that need it, so this module imports without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import warnings
+from typing import Any, Iterable
+
+from .manifest import (
+    XATTR_CUDA,
+    Header,
+    Manifest,
+    ManifestError,
+    Replica,
+    normalize_gpu_uuid,
+    read_cuda_manifest,
+    read_header,
+    torch_dtype_name,
+)
+
+__all__ = ["load_file", "state_dict", "load_model", "gpu_pointer_ranges", "torch_dtype"]
+
+log = logging.getLogger("weightfs")
+
+_PREFER = ("auto", "ipc", "read")
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:  # pragma: no cover - exercised on machines without torch
+        raise ImportError("weightfs.load_file and friends need PyTorch (pip install torch); "
+                          "weightfs.manifest works without it") from e
+    return torch
+
+
+def torch_dtype(st_dtype: str):
+    """The torch dtype for a safetensors dtype string (``"BF16"`` -> ``torch.bfloat16``)."""
+    torch = _torch()
+    name = torch_dtype_name(st_dtype)
+    dt = getattr(torch, name, None)
+    if dt is None:
+        raise TypeError(f"safetensors dtype {st_dtype} needs torch.{name}, which torch "
+                        f"{torch.__version__} does not have; upgrade torch")
+    return dt
+
+
+# --------------------------------------------------------------------------------------------
+# devices
+
+
+def _normalize_device(device: Any):
+    """None -> None; 3, "cuda", "cuda:1", torch.device -> torch.device with an index for CUDA."""
+    if device is None:
+        return None
+    torch = _torch()
+    if isinstance(device, int) and not isinstance(device, bool):
+        dev = torch.device("cuda", device)
+    else:
+        dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+_visible_lock = threading.Lock()
+_visible: dict[str, int] | None = None
+
+
+def _visible_gpus() -> dict[str, int]:
+    """UUID (lower case, no ``GPU-``) -> device index, for the GPUs this process sees."""
+    global _visible
+    with _visible_lock:
+        if _visible is None:
+            torch = _torch()
+            found: dict[str, int] = {}
+            if torch.cuda.is_available():
+                for i in range(torch.cuda.device_count()):
+                    found[normalize_gpu_uuid(str(torch.cuda.get_device_properties(i).uuid))] = i
+            _visible = found
+        return dict(_visible)
+
+
+def _pick_replica(man: Manifest, target) -> tuple[Replica, int] | None:
+    """The replica to use for ``target`` (None: any visible, the current device first)."""
+    reps = man.replicas
+    if not reps:
+        return None
+    visible = _visible_gpus()
+    cands = [(r, visible[r.uuid]) for r in reps if r.uuid in visible]
+    if target is not None:
+        cands = [(r, i) for r, i in cands if i == target.index]
+    if not cands:
+        return None
+    if target is None and len(cands) > 1:
+        cur = _torch().cuda.current_device()
+        for r, i in cands:
+            if i == cur:
+                return r, i
+    return cands[0]
+
+
+# --------------------------------------------------------------------------------------------
+# slab cache: one open per slab and process; closed with its last storage
+
+
+class _SlabRef:
+    def __init__(self, storage, uuid: str, gpu: str, dev: int, slab_bytes: int):
+        self.uuid = uuid
+        self.gpu = gpu
+        self.dev = dev
+        self.slab_bytes = slab_bytes
+        self._strong = None
+        self._weak = None
+        try:
+            from torch.multiprocessing.reductions import StorageWeakRef
+
+            self._weak = StorageWeakRef(storage)
+        except Exception:  # private API moved: keep the slab open for the process's life
+            self._strong = storage
+
+    def get(self):
+        if self._strong is not None:
+            return self._strong
+        if self._weak is None or self._weak.expired():
+            return None
+        torch = _torch()
+        try:
+            return torch.UntypedStorage._new_with_weak_ptr(self._weak.cdata)
+        except Exception:
+            return None
+
+
+_slab_lock = threading.Lock()
+_slabs: dict[tuple[str, bytes], _SlabRef] = {}
+
+
+def _open_slab(replica: Replica, dev: int):
+    torch = _torch()
+    key = (replica.uuid, replica.handle)
+    with _slab_lock:
+        ref = _slabs.get(key)
+        st = ref.get() if ref is not None else None
+        if st is not None:
+            return st
+        torch.cuda._lazy_init()
+        with torch.cuda.device(dev):
+            st = torch.UntypedStorage._new_shared_cuda(
+                dev, replica.handle, replica.slab_bytes, 0, b"", 0, bytes(64), False)
+        _slabs[key] = _SlabRef(st, replica.uuid, replica.gpu, dev, replica.slab_bytes)
+        return st
+
+
+def gpu_pointer_ranges(path_or_manifest: Any = None) -> list[tuple[str, int, int]]:
+    """``(gpu, base_ptr, slab_bytes)`` for the slabs this process has open.
+
+    With a path (or a :class:`Manifest`), only the slabs of that file; with no argument, every
+    open slab. ``gpu`` is the replica's ``GPU-<uuid>`` as the manifest spells it. A tensor that
+    :func:`load_file` returned zero-copy has ``base_ptr <= t.data_ptr() < base_ptr + slab_bytes``.
+    """
+    keys = None
+    if path_or_manifest is not None:
+        man = (path_or_manifest if isinstance(path_or_manifest, Manifest)
+               else read_cuda_manifest(path_or_manifest))
+        keys = set() if man is None else {(r.uuid, r.handle) for r in man.replicas}
+    out = []
+    with _slab_lock:
+        for key, ref in list(_slabs.items()):
+            if keys is not None and key not in keys:
+                continue
+            st = ref.get()
+            if st is None:
+                del _slabs[key]
+                continue
+            out.append((ref.gpu, st.data_ptr(), ref.slab_bytes))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# load_file
+
+
+def load_file(path, device: Any = None, copy: bool = False, *, prefer: str = "auto",
+              manifest: Manifest | None = None) -> dict:
+    """Load a safetensors file into a ``{name: torch.Tensor}`` dict.
+
+    When the file has a GPU replica (``user.weightfs.cuda``) on a GPU this process sees, matched
+    by UUID, and ``device`` is None or that GPU, the tensors are zero-copy views of the daemon's
+    slab (``copy=True``: private device-to-device copies of them). Otherwise the file is read:
+    ``safetensors.torch.load_file`` when installed, else a standard-library parser and
+    ``torch.frombuffer``; ``device=None`` then means CPU.
+
+    ``prefer``: ``"auto"`` as above; ``"ipc"`` raises when no usable replica exists;
+    ``"read"`` never looks at the replicas. ``manifest`` overrides the extended attribute (for
+    callers that fetched the record by ioctl).
+    """
+    if prefer not in _PREFER:
+        raise ValueError(f"prefer must be one of {_PREFER}, got {prefer!r}")
+    torch = _torch()
+    target = _normalize_device(device)
+    where = os.fsdecode(os.fspath(path))
+
+    if prefer != "read":
+        if target is not None and target.type != "cuda":
+            if prefer == "ipc":
+                raise ValueError(f"{where}: prefer='ipc' needs a CUDA device, got {target}")
+        else:
+            with open(path, "rb") as f:
+                header = read_header(f)
+                man, why = manifest, ""
+                if man is None:
+                    try:
+                        man = read_cuda_manifest(f.fileno())
+                    except PermissionError as e:
+                        why = f"the daemon refused the GPU handles ({e.strerror})"
+                        if prefer == "ipc":
+                            raise PermissionError(e.errno, f"{where}: {why}") from None
+                        log.info("%s: %s; reading the file", where, why)
+                if man is not None:
+                    man = _with_path(man, where)
+                    out = _load_ipc(header, man, target, copy, where, prefer == "ipc")
+                    if out is not None:
+                        return out
+                elif prefer == "ipc":
+                    raise RuntimeError(f"{where}: no GPU replica (no {XATTR_CUDA} attribute); "
+                                       "is the model loaded with --gpu?")
+    return _load_read(path, target, where)
+
+
+def _with_path(man: Manifest, where: str) -> Manifest:
+    if man.path is not None:
+        return man
+    return Manifest(man.schema, man.file_size, man.data_offset, man.align, man.replicas, where,
+                    man.extra)
+
+
+def _load_ipc(header: Header, man: Manifest, target, copy: bool, where: str, must: bool):
+    torch = _torch()
+    picked = _pick_replica(man, target)
+    if picked is None:
+        msg = (f"{where}: no GPU replica on a visible GPU"
+               + (f" matching {target}" if target is not None else "")
+               + f" (replicas on {[r.gpu for r in man.replicas] or 'no GPU'}; this process "
+               f"sees {sorted(_visible_gpus()) or 'no GPU'}; check CUDA_VISIBLE_DEVICES)")
+        if must:
+            raise RuntimeError(msg)
+        log.info("%s; reading the file", msg)
+        return None
+    replica, dev = picked
+    try:
+        layout = man.layout(header)
+    except ManifestError:
+        if must:
+            raise
+        warnings.warn(f"{where}: GPU manifest does not match the file; reading the file instead",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    storage = _open_slab(replica, dev)
+    device = torch.device("cuda", dev)
+    out = {}
+    for name in header.tensors:  # the file's order
+        e = layout[name]
+        dt = torch_dtype(e.dtype)
+        numel = 1
+        for d in e.shape:
+            numel *= d
+        if numel == 0:
+            out[name] = torch.empty(e.shape, dtype=dt, device=device)
+            continue
+        itemsize = dt.itemsize
+        if e.offset % itemsize:
+            raise ManifestError(f"{where}: slab offset {e.offset} of {name!r} is not a multiple "
+                                f"of {itemsize}")
+        t = torch.empty(0, dtype=dt, device=device).set_(storage, e.offset // itemsize, e.shape)
+        out[name] = t.clone() if copy else t
+    return out
+
+
+def _load_read(path, target, where: str) -> dict:
+    dev = "cpu" if target is None else str(target)
+    try:
+        from safetensors.torch import load_file as st_load
+    except ImportError:
+        st_load = None
+    if st_load is not None:
+        return st_load(path, device=dev)
+    return _load_stdlib(path, dev)
+
+
+def _load_stdlib(path, device: str = "cpu") -> dict:
+    """Read a safetensors file with the standard-library parser and torch.frombuffer."""
+    torch = _torch()
+    with open(path, "rb") as f:
+        header = read_header(f)
+        f.seek(header.data_offset)
+        buf = bytearray(header.data_size)
+        view = memoryview(buf)
+        got = 0
+        while got < len(buf):
+            n = f.readinto(view[got:])
+            if not n:
+                raise ValueError(f"{os.fsdecode(os.fspath(path))}: file ends inside the data")
+            got += n
+    out = {}
+    for name, t in header.tensors.items():
+        dt = torch_dtype(t.dtype)
+        if t.numel == 0:
+            x = torch.empty(t.shape, dtype=dt)
+        else:
+            x = torch.frombuffer(buf, dtype=torch.uint8, count=t.nbytes, offset=t.begin)
+            if x.data_ptr() % dt.itemsize:
+                x = x.clone()  # misaligned for its dtype: give it its own (aligned) storage
+            x = x.view(dt).reshape(t.shape)
+        if device != "cpu":
+            x = x.to(device)
+        out[name] = x
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# folders and models
+
+
+def _weight_files(folder: str) -> list[str]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map", {})
+        names = sorted(set(weight_map.values()))
+    else:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+    if not names:
+        raise FileNotFoundError(f"{folder}: no *.safetensors files")
+    return [os.path.join(folder, n) for n in names]
+
+
+def state_dict(folder, device: Any = None, copy: bool = False, *, prefer: str = "auto") -> dict:
+    """Merged ``{name: tensor}`` of every weights file of a model folder (the files listed in
+    ``model.safetensors.index.json`` when present, else every ``*.safetensors``). The folder's
+    symlink (``qwen3-8b`` -> ``qwen3-8b@2``) is resolved once, so all files come from one
+    version."""
+    folder = os.path.realpath(os.fspath(folder))
+    if os.path.isfile(folder):
+        return load_file(folder, device, copy, prefer=prefer)
+    merged: dict = {}
+    for p in _weight_files(folder):
+        part = load_file(p, device, copy, prefer=prefer)
+        dup = merged.keys() & part.keys()
+        if dup:
+            raise ValueError(f"{p}: tensors also in an earlier file: {sorted(dup)[:5]}")
+        merged.update(part)
+    return merged
+
+
+def load_model(model, folder, device: Any = None, copy: bool = False, strict: bool = True, *,
+               prefer: str = "auto"):
+    """Assign the weights of a model folder into ``model`` (a ``torch.nn.Module``, typically
+    built on the meta device) with ``load_state_dict(assign=True)``; returns ``model``.
+
+    Keys absent from the checkpoint that the model ties to loaded ones (``lm_head.weight`` with
+    tied embeddings) are filled by ``model.tie_weights()``. Non-persistent rotary buffers
+    (``inv_freq``) left on the meta device are recomputed on the weights' device by building the
+    rotary module again. With ``strict``, keys still missing or unexpected raise RuntimeError;
+    other tensors left on the meta device draw a RuntimeWarning.
+    """
+    state = state_dict(folder, device, copy, prefer=prefer)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = list(result.missing_keys)
+    unexpected = list(result.unexpected_keys)
+    if missing and callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()
+        loaded = {v.data_ptr() for v in state.values() if v.numel()}
+        now = model.state_dict(keep_vars=True)
+        missing = [k for k in missing
+                   if not (k in now and not now[k].is_meta and now[k].data_ptr() in loaded)]
+    target = next((v.device for v in state.values()), None)
+    if target is not None:
+        _materialize_meta_buffers(model, target)
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_short(unexpected)}")
+        raise RuntimeError(f"{folder}: checkpoint does not match the model: " + "; ".join(parts))
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        warnings.warn(f"{folder}: tensors still on the meta device after loading: {_short(left)}",
+                      RuntimeWarning, stacklevel=2)
+    return model
+
+
+def _short(keys: Iterable[str], n: int = 10) -> str:
+    keys = list(keys)
+    s = ", ".join(keys[:n])
+    return s + (f", … ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _materialize_meta_buffers(model, device) -> None:
+    """Recompute non-persistent rotary buffers (``inv_freq``, ``original_inv_freq``, per layer
+    type variants) that building on the meta device left there.
+
+    Every transformers rotary module takes ``(config, device=None)``: a fresh one is built on
+    ``device`` and its buffers and scaling attributes are moved over.
+    """
+    torch = _torch()
+    for mod in model.modules():
+        if "Rotary" not in type(mod).__name__ or getattr(mod, "config", None) is None:
+            continue
+        metas = [n for n, t in mod._buffers.items()
+                 if t is not None and t.is_meta and n in mod._non_persistent_buffers_set]
+        if not metas:
+            continue
+        fresh = None
+        for kwargs in ({}, {"device": device}):  # newer transformers deprecate `device`
+            try:
+                with torch.device(device):
+                    fresh = type(mod)(mod.config, **kwargs)
+                break
+            except Exception as e:  # model-specific; reported by the warning below
+                log.info("could not rebuild %s on %s: %s", type(mod).__name__, device, e)
+        if fresh is None:
+            continue
+        for n in metas:
+            t = fresh._buffers.get(n)
+            if t is not None and not t.is_meta:
+                mod._buffers[n] = t.to(device)
+        for k, v in vars(fresh).items():
+            if k.startswith("_"):
+                continue
+            old = mod.__dict__.get(k)
+            if "attention_scaling" in k or (isinstance(old, torch.Tensor) and old.is_meta
+                                            and isinstance(v, torch.Tensor) and not v.is_meta):
+                setattr(mod, k, v)
