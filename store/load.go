@@ -372,7 +372,7 @@ func (s *Store) startReplication(root string, files []*sourceFile) *replication 
 		for _, f := range files {
 			if f.header != nil {
 				_, size := SlabLayout(f.header)
-				need += size
+				need += slabAllocSize(size)
 			}
 		}
 		r.err = checkGPUMemory(gpus, need, root)
