@@ -42,16 +42,21 @@ func (n *fileNode) fill(a *fuse.Attr) {
 }
 
 func (n *fileNode) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	n.m.count(opGetattr)
 	n.fill(&out.Attr)
 	return 0
 }
 
 func (n *fileNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
+	n.m.count(opOpen)
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY || flags&syscall.O_TRUNC != 0 {
 		return nil, 0, syscall.EROFS
 	}
+	if !n.version.Acquire() {
+		return nil, 0, syscall.ENOENT // unloaded and freed since the lookup
+	}
 	n.m.counters.opens.Add(1)
-	h := &readHandle{m: n.m, file: n.file}
+	h := &readHandle{m: n.m, file: n.file, version: n.version}
 	if n.m.Mode() == Passthrough {
 		return &passthroughHandle{readHandle: h}, 0, 0
 	}
@@ -70,8 +75,9 @@ func (n *fileNode) attrs() []xattr {
 }
 
 func (n *fileNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	n.m.count(opGetxattr)
 	if attr == CUDAXattr {
-		manifest, errno := n.m.handles(ctx, n.file)
+		manifest, errno := n.m.handles(ctx, n.version, n.file)
 		if errno != 0 {
 			return 0, errno
 		}
@@ -81,6 +87,7 @@ func (n *fileNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint
 }
 
 func (n *fileNode) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
+	n.m.count(opListxattr)
 	attrs := n.attrs()
 	if _, ok := n.file.CUDAManifest(); ok {
 		attrs = append(attrs, xattr{name: CUDAXattr})
@@ -91,10 +98,11 @@ func (n *fileNode) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.
 // Ioctl answers IoctlCUDAManifest with the same JSON as user.weightfs.cuda,
 // in a struct weightfs_cuda_manifest (docs/PROTOCOL.md).
 func (n *fileNode) Ioctl(ctx context.Context, f gofs.FileHandle, cmd uint32, arg uint64, input, output []byte) (int32, syscall.Errno) {
+	n.m.count(opIoctl)
 	if cmd != IoctlCUDAManifest {
 		return 0, syscall.ENOTTY
 	}
-	manifest, errno := n.m.handles(ctx, n.file)
+	manifest, errno := n.m.handles(ctx, n.version, n.file)
 	if errno != 0 {
 		return 0, errno
 	}
@@ -110,8 +118,9 @@ func (n *fileNode) Ioctl(ctx context.Context, f gofs.FileHandle, cmd uint32, arg
 // readHandle serves READ requests from the host image. Under passthrough the
 // kernel never sends them; each one that arrives is counted.
 type readHandle struct {
-	m    *mount
-	file *store.File
+	m       *mount
+	file    *store.File
+	version *store.Version
 }
 
 var (
@@ -131,6 +140,7 @@ func (h *readHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.Rea
 
 func (h *readHandle) Release(ctx context.Context) syscall.Errno {
 	h.m.counters.releases.Add(1)
+	h.version.Release()
 	return 0
 }
 
@@ -154,7 +164,6 @@ type xattr struct{ name, value string }
 // into the size answer for a probe. Unknown names get ENODATA, never ENOSYS,
 // which would make the kernel stop asking for the whole mount.
 func (m *mount) getxattr(ctx context.Context, dest []byte, name string, attrs []xattr) (uint32, syscall.Errno) {
-	m.counters.xattrs.Add(1)
 	for _, a := range attrs {
 		if a.name == name {
 			return copyAttr(dest, []byte(a.value))

@@ -51,6 +51,8 @@ type Options struct {
 	Logger *slog.Logger
 	// Debug logs every FUSE request.
 	Debug bool
+	// Status, if set, renders .weightfs/status.json at the mount's root.
+	Status func() []byte
 	// AllowUIDs and AllowGIDs may read GPU handles (user.weightfs.cuda and
 	// the ioctl); everyone else gets EACCES. Nil: the daemon's uid and root.
 	AllowUIDs, AllowGIDs []uint32
@@ -60,16 +62,36 @@ type Options struct {
 type Counters struct {
 	// DaemonReads are READ requests that reached the daemon (0 under passthrough).
 	DaemonReads, DaemonReadBytes uint64
-	Opens, Releases, Xattrs      uint64
+	Opens, Releases              uint64
+	// Requests counts FUSE requests that reached the daemon, by type.
+	Requests map[string]uint64
 	// HandleRequests and HandleDenials count CUDA manifest requests (xattr
 	// and ioctl) and those refused for lack of permission.
 	HandleRequests, HandleDenials uint64
 }
 
 type counters struct {
-	reads, readBytes, opens, releases, xattrs atomic.Uint64
-	handleRequests, handleDenials             atomic.Uint64
+	reads, readBytes, opens, releases atomic.Uint64
+	handleRequests, handleDenials     atomic.Uint64
+	ops                               [opCount]atomic.Uint64
 }
+
+// FUSE request types the mount counts.
+const (
+	opLookup = iota
+	opGetattr
+	opReaddir
+	opReadlink
+	opOpen
+	opRead
+	opGetxattr
+	opListxattr
+	opIoctl
+	opStatfs
+	opCount
+)
+
+var opNames = [opCount]string{"lookup", "getattr", "readdir", "readlink", "open", "read", "getxattr", "listxattr", "ioctl", "statfs"}
 
 // mount is the state every node of one mount shares.
 type mount struct {
@@ -87,7 +109,10 @@ func (m *mount) Mode() ReadMode { return ReadMode(m.mode.Load()) }
 
 func (m *mount) owner(a *fuse.Attr) { a.Uid, a.Gid = m.uid, m.gid }
 
+func (m *mount) count(op int) { m.counters.ops[op].Add(1) }
+
 func (m *mount) countRead(n int) {
+	m.count(opRead)
 	m.counters.reads.Add(1)
 	m.counters.readBytes.Add(uint64(n))
 	if m.Mode() == Passthrough && m.warned.CompareAndSwap(false, true) {
@@ -98,7 +123,7 @@ func (m *mount) countRead(n int) {
 
 // handles returns a file's CUDA manifest to a caller allowed to have its
 // handles: a handle lets its opener read and write the slab.
-func (m *mount) handles(ctx context.Context, f *store.File) ([]byte, syscall.Errno) {
+func (m *mount) handles(ctx context.Context, v *store.Version, f *store.File) ([]byte, syscall.Errno) {
 	m.counters.handleRequests.Add(1)
 	manifest, ok := f.CUDAManifest()
 	if !ok {
@@ -109,6 +134,7 @@ func (m *mount) handles(ctx context.Context, f *store.File) ([]byte, syscall.Err
 		m.counters.handleDenials.Add(1)
 		return nil, syscall.EACCES
 	}
+	v.NoteHandleHolder(int(caller.Pid))
 	return manifest, 0
 }
 
@@ -165,10 +191,17 @@ func Mount(mountpoint string, st *store.Store, opts Options) (*Server, error) {
 			Debug:            opts.Debug,
 		},
 	}
-	server, err := gofs.Mount(abs, &rootDir{m: m}, gopts)
+	root := &rootDir{m: m, status: opts.Status}
+	server, err := gofs.Mount(abs, root, gopts)
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", abs, err)
 	}
+	// An unloaded version leaves the kernel's caches at once; its open files
+	// keep working.
+	st.OnRemove(func(v *store.Version) {
+		root.NotifyEntry(v.Name())
+		root.NotifyEntry(v.Model())
+	})
 	s := &Server{fuse: server, m: m, mountpoint: abs}
 	mode, why := Cached, "requested"
 	if !opts.ForceCached {
@@ -305,11 +338,16 @@ func (s *Server) Mountpoint() string { return s.mountpoint }
 // Counters returns what the mount has counted so far.
 func (s *Server) Counters() Counters {
 	c := &s.m.counters
-	return Counters{
+	out := Counters{
 		DaemonReads: c.reads.Load(), DaemonReadBytes: c.readBytes.Load(),
-		Opens: c.opens.Load(), Releases: c.releases.Load(), Xattrs: c.xattrs.Load(),
+		Opens: c.opens.Load(), Releases: c.releases.Load(),
 		HandleRequests: c.handleRequests.Load(), HandleDenials: c.handleDenials.Load(),
+		Requests: map[string]uint64{},
 	}
+	for i, name := range opNames {
+		out.Requests[name] = c.ops[i].Load()
+	}
+	return out
 }
 
 // Unmount unmounts; it fails with EBUSY while files are open.

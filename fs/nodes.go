@@ -28,7 +28,8 @@ const (
 // version. It asks the store on every lookup, so loads show up at once.
 type rootDir struct {
 	gofs.Inode
-	m *mount
+	m      *mount
+	status func() []byte // nil: no .weightfs directory
 }
 
 var (
@@ -54,6 +55,12 @@ func splitVersion(entry string) (name string, number int, ok bool) {
 }
 
 func (r *rootDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
+	r.m.count(opLookup)
+	if name == statusDirName && r.status != nil {
+		d := &statusDir{m: r.m, render: r.status}
+		d.fill(&out.Attr)
+		return r.NewInode(ctx, d, gofs.StableAttr{Mode: syscall.S_IFDIR, Ino: statusDirIno}), 0
+	}
 	if model, number, ok := splitVersion(name); ok {
 		v := r.m.store.Version(model, number)
 		if v == nil {
@@ -75,7 +82,11 @@ func (r *rootDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 }
 
 func (r *rootDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
+	r.m.count(opReaddir)
 	var entries []fuse.DirEntry
+	if r.status != nil {
+		entries = append(entries, fuse.DirEntry{Name: statusDirName, Ino: statusDirIno, Mode: syscall.S_IFDIR})
+	}
 	for _, m := range r.m.store.Models() {
 		if m.Current() == nil {
 			continue
@@ -90,6 +101,7 @@ func (r *rootDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
 }
 
 func (r *rootDir) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	r.m.count(opGetattr)
 	out.Mode = dirMode
 	out.Nlink = 2
 	out.Ino = 1
@@ -100,6 +112,7 @@ func (r *rootDir) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.Attr
 
 // Statfs reports the store: every block is a resident byte, none is free.
 func (r *rootDir) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	r.m.count(opStatfs)
 	st := r.m.store.Stats()
 	out.Bsize = 4096
 	out.Frsize = 4096
@@ -110,10 +123,12 @@ func (r *rootDir) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno
 }
 
 func (r *rootDir) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	r.m.count(opGetxattr)
 	return r.m.getxattr(ctx, dest, attr, r.attrs())
 }
 
 func (r *rootDir) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
+	r.m.count(opListxattr)
 	return listxattr(dest, r.attrs())
 }
 
@@ -141,6 +156,7 @@ func (l *modelLink) target() string {
 }
 
 func (l *modelLink) Readlink(ctx context.Context) ([]byte, syscall.Errno) {
+	l.m.count(opReadlink)
 	t := l.target()
 	if t == "" {
 		return nil, syscall.ENOENT
@@ -160,6 +176,7 @@ func (l *modelLink) fill(a *fuse.Attr) {
 }
 
 func (l *modelLink) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	l.m.count(opGetattr)
 	l.fill(&out.Attr)
 	out.SetTimeout(time.Nanosecond)
 	return 0
@@ -192,6 +209,7 @@ func (d *dirNode) fill(a *fuse.Attr) {
 }
 
 func (d *dirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
+	d.m.count(opLookup)
 	sub, file := d.dir.Lookup(name)
 	switch {
 	case sub != nil:
@@ -207,6 +225,7 @@ func (d *dirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 }
 
 func (d *dirNode) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
+	d.m.count(opReaddir)
 	var entries []fuse.DirEntry
 	for _, s := range d.dir.Dirs() {
 		entries = append(entries, fuse.DirEntry{Name: s.Name(), Ino: s.Ino(), Mode: syscall.S_IFDIR})
@@ -219,6 +238,7 @@ func (d *dirNode) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
 }
 
 func (d *dirNode) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {
+	d.m.count(opGetattr)
 	d.fill(&out.Attr)
 	return 0
 }
@@ -231,10 +251,12 @@ func (d *dirNode) attrs() []xattr {
 }
 
 func (d *dirNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
+	d.m.count(opGetxattr)
 	return d.m.getxattr(ctx, dest, attr, d.attrs())
 }
 
 func (d *dirNode) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
+	d.m.count(opListxattr)
 	return listxattr(dest, d.attrs())
 }
 

@@ -110,6 +110,8 @@ type replica struct {
 
 // Residency lists where the file is: "host", then each GPU's UUID.
 func (f *File) Residency() []string {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
 	out := []string{"host"}
 	for _, r := range f.replicas {
 		out = append(out, r.gpu.UUID())
@@ -145,7 +147,9 @@ func (f *File) replicate(g *GPUs) error {
 		if err != nil {
 			return fmt.Errorf("copy %s to GPU %s: %w", f.path, gpu.UUID(), err)
 		}
+		f.mu.Lock()
 		f.replicas = append(f.replicas, r)
+		f.mu.Unlock()
 	}
 	return nil
 }
@@ -178,6 +182,8 @@ func (gpu *GPU) upload(image []byte, runs []copyRun, size int64) (*replica, erro
 
 // freeGPU frees the file's slabs and unpins its host image.
 func (f *File) freeGPU() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	var errs []error
 	for _, r := range f.replicas {
 		if err := r.slab.Free(); err != nil {

@@ -75,6 +75,8 @@ type ManifestReplica struct {
 // CUDAManifest returns the file's manifest as JSON, or false when the file
 // has no GPU replica.
 func (f *File) CUDAManifest() ([]byte, bool) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
 	if len(f.replicas) == 0 {
 		return nil, false
 	}

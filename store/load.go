@@ -68,6 +68,36 @@ func (s *Store) Load(ctx context.Context, name, dir string, opts LoadOptions) (*
 	if err := checkIndexes(abs, files); err != nil {
 		return nil, err
 	}
+	var hostNeed, gpuNeed int64
+	for _, f := range files {
+		hostNeed += f.size
+		if f.header != nil && len(s.gpus.List()) > 0 {
+			_, size := SlabLayout(f.header)
+			gpuNeed += slabAllocSize(size)
+		}
+	}
+	release, err := s.reserve(name, abs, hostNeed, gpuNeed)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	load := &Load{Name: name, Source: abs, Started: start}
+	load.total.Store(hostNeed)
+	s.mu.Lock()
+	s.loads[load] = true
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.loads, load)
+		s.mu.Unlock()
+	}()
+	progress := opts.Progress
+	opts.Progress = func(done, total int64) {
+		load.done.Store(done)
+		if progress != nil {
+			progress(done, total)
+		}
+	}
 	v, err := s.copyIn(ctx, abs, files, opts)
 	if err != nil {
 		return nil, err

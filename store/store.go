@@ -24,13 +24,22 @@ type Store struct {
 	log   *slog.Logger
 	gpus  *GPUs
 
-	mu     sync.RWMutex
-	models map[string]*Model
-	closed bool
+	mu       sync.RWMutex
+	models   map[string]*Model
+	closed   bool
+	budgets  Budgets
+	reserved reservation
+	draining []*Version       // unloaded, still in use
+	onRemove []func(*Version) // told of every version leaving the mount
+	loads    map[*Load]bool   // loads in progress
 
 	// nextIno hands out stable inode numbers: 1 is the mount's root.
 	nextIno atomic.Uint64
 }
+
+// ReservedInos are inode numbers the store never hands out: 1 is the mount's
+// root, the others are the file system's own nodes.
+const ReservedInos = 15
 
 // Options configure a Store.
 type Options struct {
@@ -39,16 +48,19 @@ type Options struct {
 	// GPUs, if set, receive a replica of every weights file. The caller
 	// keeps ownership and closes them after the store.
 	GPUs *GPUs
+	// Budgets limit host and GPU memory (zero: no limit).
+	Budgets Budgets
 }
 
 // New creates an empty store whose host images live in arena. The store owns
 // the arena from now on and closes it in Close.
 func New(arena *Arena, opts Options) *Store {
-	s := &Store{arena: arena, log: opts.Logger, gpus: opts.GPUs, models: map[string]*Model{}}
+	s := &Store{arena: arena, log: opts.Logger, gpus: opts.GPUs, budgets: opts.Budgets,
+		models: map[string]*Model{}, loads: map[*Load]bool{}}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
-	s.nextIno.Store(1)
+	s.nextIno.Store(ReservedInos)
 	return s
 }
 
@@ -118,14 +130,13 @@ func (s *Store) Close() error {
 	}
 	s.closed = true
 	var errs []error
-	for _, m := range s.models {
-		for _, v := range m.versions {
-			if err := v.free(); err != nil {
-				errs = append(errs, err)
-			}
+	for _, v := range s.allVersionsLocked() {
+		if err := v.free(); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	s.models = nil
+	s.draining = nil
 	errs = append(errs, s.arena.Close())
 	return errors.Join(errs...)
 }
@@ -147,6 +158,7 @@ func (s *Store) commit(name string, v *Version) error {
 	defer m.mu.Unlock()
 	v.number = m.lastNumber + 1
 	v.model = name
+	v.store = s
 	m.lastNumber = v.number
 	m.versions = append(m.versions, v)
 	m.current = v
@@ -216,6 +228,8 @@ func (m *Model) Version(n int) *Version {
 
 // Version is one immutable, fully loaded copy of a model folder.
 type Version struct {
+	store    *Store
+	use      versionUse
 	model    string
 	number   int
 	source   string
@@ -318,7 +332,8 @@ type File struct {
 	header *safetensors.Header
 	buf    *Buffer
 
-	// Set while loading, fixed once the version is committed.
+	// Set while loading, cleared when the version is freed.
+	mu       sync.RWMutex
 	replicas []*replica
 	pinned   *cuda.Context // the context the host image is registered with
 }

@@ -1,0 +1,469 @@
+package store
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Version states.
+const (
+	StateReady    = "ready"    // listed on the mount, serving
+	StateDraining = "draining" // unloaded: gone from the mount, freed when its last user goes
+)
+
+// versionUse counts what keeps an unloaded version's memory alive: open
+// files, and processes that were handed its GPU handles.
+type versionUse struct {
+	mu       sync.Mutex
+	open     int
+	holders  map[int]bool // pids that received CUDA handles
+	draining bool
+	freed    bool
+	since    time.Time // when it started draining
+}
+
+// Acquire records an open file of the version. It fails once the version has
+// been freed (a stale dentry after an unload).
+func (v *Version) Acquire() bool {
+	v.use.mu.Lock()
+	defer v.use.mu.Unlock()
+	if v.use.freed {
+		return false
+	}
+	v.use.open++
+	return true
+}
+
+// Release ends what Acquire started; the last release of a draining version
+// frees it.
+func (v *Version) Release() {
+	v.use.mu.Lock()
+	v.use.open--
+	done := v.use.draining && v.use.open == 0
+	v.use.mu.Unlock()
+	if done && v.store != nil {
+		v.store.reap()
+	}
+}
+
+// NoteHandleHolder records a process that was handed the version's CUDA
+// handles: its mapping keeps the slabs in use after an unload, so the version
+// drains until that process exits.
+func (v *Version) NoteHandleHolder(pid int) {
+	if pid <= 0 {
+		return
+	}
+	v.use.mu.Lock()
+	defer v.use.mu.Unlock()
+	if v.use.holders == nil {
+		v.use.holders = map[int]bool{}
+	}
+	v.use.holders[pid] = true
+}
+
+// OpenFiles is the number of files of the version open now.
+func (v *Version) OpenFiles() int {
+	v.use.mu.Lock()
+	defer v.use.mu.Unlock()
+	return v.use.open
+}
+
+// HandleHolders are the live processes that were handed GPU handles.
+func (v *Version) HandleHolders() []int {
+	v.use.mu.Lock()
+	defer v.use.mu.Unlock()
+	var pids []int
+	for pid := range v.use.holders {
+		if processAlive(pid) {
+			pids = append(pids, pid)
+		}
+	}
+	sort.Ints(pids)
+	return pids
+}
+
+// State is StateReady or StateDraining.
+func (v *Version) State() string {
+	v.use.mu.Lock()
+	defer v.use.mu.Unlock()
+	if v.use.draining {
+		return StateDraining
+	}
+	return StateReady
+}
+
+// GPUBytes is the version's slab memory on one GPU.
+func (v *Version) GPUBytes(uuid string) int64 {
+	var n int64
+	for _, f := range v.files {
+		f.mu.RLock()
+		for _, r := range f.replicas {
+			if r.gpu.UUID() == uuid {
+				n += r.size
+			}
+		}
+		f.mu.RUnlock()
+	}
+	return n
+}
+
+// Residency lists where the version is: "host" and each GPU holding all of
+// its weights files.
+func (v *Version) Residency() []string {
+	for _, f := range v.files {
+		if f.kind == Weights {
+			return f.Residency()
+		}
+	}
+	return []string{"host"}
+}
+
+func processAlive(pid int) bool {
+	err := syscall.Kill(pid, 0)
+	return err == nil || errors.Is(err, syscall.EPERM)
+}
+
+// idle says whether nothing uses the version any more.
+func (v *Version) idle() bool {
+	if v.use.open > 0 {
+		return false
+	}
+	for pid := range v.use.holders {
+		if processAlive(pid) {
+			return false
+		}
+		delete(v.use.holders, pid)
+	}
+	return true
+}
+
+// Unload removes a version (number > 0) or every version (number 0) of a
+// model from the mount at once. Each one's memory is freed as soon as no file
+// of it is open and no process that was handed its GPU handles is alive; until
+// then it is listed as draining. If the current version goes, the newest
+// remaining one becomes current.
+func (s *Store) Unload(name string, number int) ([]*Version, error) {
+	s.mu.Lock()
+	m := s.models[name]
+	if m == nil {
+		s.mu.Unlock()
+		return nil, fmt.Errorf("unload %s: no such model", name)
+	}
+	m.mu.Lock()
+	var gone, kept []*Version
+	for _, v := range m.versions {
+		if number == 0 || v.number == number {
+			gone = append(gone, v)
+		} else {
+			kept = append(kept, v)
+		}
+	}
+	if len(gone) == 0 {
+		m.mu.Unlock()
+		s.mu.Unlock()
+		return nil, fmt.Errorf("unload %s: no version %d (versions: %s)", name, number, versionList(m.versions))
+	}
+	m.versions = kept
+	m.current = nil
+	if len(kept) > 0 {
+		m.current = kept[len(kept)-1]
+	}
+	m.mu.Unlock()
+	if len(kept) == 0 {
+		delete(s.models, name)
+	}
+	for _, v := range gone {
+		v.use.mu.Lock()
+		v.use.draining = true
+		v.use.since = time.Now()
+		v.use.mu.Unlock()
+		s.draining = append(s.draining, v)
+	}
+	hooks := append([]func(*Version){}, s.onRemove...)
+	s.mu.Unlock()
+
+	for _, v := range gone {
+		s.log.Info("unloaded", "version", v.Name(), "open_files", v.OpenFiles())
+		for _, h := range hooks {
+			h(v)
+		}
+	}
+	s.reap()
+	return gone, nil
+}
+
+func versionList(vs []*Version) string {
+	if len(vs) == 0 {
+		return "none"
+	}
+	out := ""
+	for i, v := range vs {
+		if i > 0 {
+			out += ", "
+		}
+		out += fmt.Sprint(v.number)
+	}
+	return out
+}
+
+// OnRemove registers f to be told of every version that leaves the mount (the
+// file system drops it from the kernel's caches).
+func (s *Store) OnRemove(f func(*Version)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.onRemove = append(s.onRemove, f)
+}
+
+// Draining lists unloaded versions whose memory is still in use.
+func (s *Store) Draining() []*Version {
+	s.reap()
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return append([]*Version(nil), s.draining...)
+}
+
+// reap frees every draining version nothing uses any more.
+func (s *Store) reap() {
+	s.mu.Lock()
+	var free, keep []*Version
+	for _, v := range s.draining {
+		v.use.mu.Lock()
+		if v.idle() {
+			v.use.freed = true
+			free = append(free, v)
+		} else {
+			keep = append(keep, v)
+		}
+		v.use.mu.Unlock()
+	}
+	s.draining = keep
+	s.mu.Unlock()
+	for _, v := range free {
+		if err := v.free(); err != nil {
+			s.log.Error("free unloaded version", "version", v.Name(), "err", err)
+		} else {
+			s.log.Info("freed", "version", v.Name(), "bytes", v.bytes)
+		}
+	}
+}
+
+// Run re-checks draining versions held by processes until ctx ends: their
+// exit is noticed nowhere else.
+func (s *Store) Run(ctx context.Context, every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			s.reap()
+		}
+	}
+}
+
+// Budgets limit what the store may hold; 0 means no limit.
+type Budgets struct {
+	// Host is the most bytes of host images, draining versions included.
+	Host int64
+	// GPU is the most bytes of slabs on each GPU.
+	GPU int64
+}
+
+// Usage is what the store holds now against its budgets.
+type Usage struct {
+	HostBytes, HostReserved, HostBudget int64
+	GPUs                                []GPUUsage
+}
+
+// GPUUsage is one GPU's share.
+type GPUUsage struct {
+	UUID, Name              string
+	Ordinal                 int
+	Bytes, Reserved         int64
+	Budget                  int64
+	DeviceFree, DeviceTotal uint64
+}
+
+// Usage sums up memory in use (ready and draining versions) and reserved by
+// loads in progress.
+func (s *Store) Usage() Usage {
+	s.reap()
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	u := Usage{HostReserved: s.reserved.host, HostBudget: s.budgets.Host}
+	for _, v := range s.allVersionsLocked() {
+		u.HostBytes += v.bytes
+	}
+	for _, g := range s.gpus.List() {
+		gu := GPUUsage{UUID: g.UUID(), Name: g.dev.Name, Ordinal: g.dev.Ordinal, Reserved: s.reserved.gpu, Budget: s.budgets.GPU}
+		for _, v := range s.allVersionsLocked() {
+			gu.Bytes += v.GPUBytes(g.UUID())
+		}
+		gu.DeviceFree, gu.DeviceTotal, _ = g.MemInfo()
+		u.GPUs = append(u.GPUs, gu)
+	}
+	return u
+}
+
+func (s *Store) allVersionsLocked() []*Version {
+	var out []*Version
+	for _, m := range s.models {
+		out = append(out, m.Versions()...)
+	}
+	return append(out, s.draining...)
+}
+
+// reservation is memory promised to a load in progress.
+type reservation struct{ host, gpu int64 }
+
+// reserve admits a load of host bytes (and gpu bytes on every GPU) or says
+// what is needed and what is free. Nothing already loaded is touched.
+func (s *Store) reserve(name, dir string, host, gpu int64) (release func(), err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var usedHost int64
+	usedGPU := map[string]int64{}
+	for _, v := range s.allVersionsLocked() {
+		usedHost += v.bytes
+		for _, g := range s.gpus.List() {
+			usedGPU[g.UUID()] += v.GPUBytes(g.UUID())
+		}
+	}
+	if b := s.budgets.Host; b > 0 && usedHost+s.reserved.host+host > b {
+		free := max(0, b-usedHost-s.reserved.host)
+		return nil, fmt.Errorf("load %s from %s: needs %s of host memory, %s free of the %s budget (--host-memory)",
+			name, dir, HumanBytes(host), HumanBytes(free), HumanBytes(b))
+	}
+	if b := s.budgets.GPU; b > 0 && gpu > 0 {
+		for _, g := range s.gpus.List() {
+			if used := usedGPU[g.UUID()] + s.reserved.gpu; used+gpu > b {
+				return nil, fmt.Errorf("load %s from %s: needs %s of GPU memory on %s, %s free of the %s budget (--gpu-memory)",
+					name, dir, HumanBytes(gpu), g.UUID(), HumanBytes(max(0, b-used)), HumanBytes(b))
+			}
+		}
+	}
+	s.reserved.host += host
+	s.reserved.gpu += gpu
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			s.reserved.host -= host
+			s.reserved.gpu -= gpu
+			s.mu.Unlock()
+		})
+	}, nil
+}
+
+// HumanBytes writes n in binary units: "1.5 GiB".
+func HumanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit && exp < 5; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// Load is a load in progress.
+type Load struct {
+	Name, Source string
+	Started      time.Time
+	done, total  atomic.Int64
+}
+
+// Progress is the bytes copied so far and the total.
+func (l *Load) Progress() (done, total int64) { return l.done.Load(), l.total.Load() }
+
+// Loads lists the loads in progress.
+func (s *Store) Loads() []*Load {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]*Load, 0, len(s.loads))
+	for l := range s.loads {
+		out = append(out, l)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Started.Before(out[j].Started) })
+	return out
+}
+
+// FileCheck is the outcome of verifying one file.
+type FileCheck struct {
+	Path, Source string
+	Bytes        int64
+	SHA256       string // of the bytes served
+	SourceSHA256 string // of the source now ("" when it could not be read)
+	OK           bool
+	Problem      string
+}
+
+// Verify re-reads the source of every file of a version (0: the current one)
+// and compares its checksum with the bytes served.
+func (s *Store) Verify(ctx context.Context, name string, number int) (*Version, []FileCheck, error) {
+	m := s.Model(name)
+	if m == nil {
+		return nil, nil, fmt.Errorf("verify %s: no such model", name)
+	}
+	v := m.Current()
+	if number > 0 {
+		v = m.Version(number)
+	}
+	if v == nil || !v.Acquire() {
+		return nil, nil, fmt.Errorf("verify %s: no version %d", name, number)
+	}
+	defer v.Release()
+	var checks []FileCheck
+	for _, f := range v.files {
+		if err := ctx.Err(); err != nil {
+			return nil, nil, err
+		}
+		c := FileCheck{Path: f.path, Source: f.source, Bytes: f.Size()}
+		sum := sha256.Sum256(f.Bytes())
+		c.SHA256 = hex.EncodeToString(sum[:])
+		src, size, err := hashFile(f.source)
+		switch {
+		case err != nil:
+			c.Problem = err.Error()
+		case size != f.Size():
+			c.SourceSHA256 = src
+			c.Problem = fmt.Sprintf("source is %d bytes, served %d", size, f.Size())
+		case src != c.SHA256:
+			c.SourceSHA256 = src
+			c.Problem = "source changed: checksums differ"
+		default:
+			c.SourceSHA256 = src
+			c.OK = true
+		}
+		checks = append(checks, c)
+	}
+	return v, checks, nil
+}
+
+func hashFile(path string) (string, int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", 0, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return "", 0, fmt.Errorf("read %s: %w", path, err)
+	}
+	return hex.EncodeToString(h.Sum(nil)), n, nil
+}
