@@ -103,6 +103,7 @@ type mount struct {
 	warned   atomic.Bool
 
 	allowUIDs, allowGIDs map[uint32]bool
+	started              time.Time // the root's and .weightfs's times
 }
 
 func (m *mount) Mode() ReadMode { return ReadMode(m.mode.Load()) }
@@ -161,7 +162,7 @@ func Mount(mountpoint string, st *store.Store, opts Options) (*Server, error) {
 		return nil, err
 	}
 	m := &mount{store: st, log: log, uid: uint32(os.Getuid()), gid: uint32(os.Getgid()),
-		allowUIDs: map[uint32]bool{}, allowGIDs: map[uint32]bool{}}
+		allowUIDs: map[uint32]bool{}, allowGIDs: map[uint32]bool{}, started: time.Now()}
 	if opts.AllowUIDs == nil && opts.AllowGIDs == nil {
 		m.allowUIDs[0], m.allowUIDs[m.uid] = true, true
 	}

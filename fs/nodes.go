@@ -105,6 +105,7 @@ func (r *rootDir) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.Attr
 	out.Mode = dirMode
 	out.Nlink = 2
 	out.Ino = 1
+	out.SetTimes(&r.m.started, &r.m.started, &r.m.started)
 	r.m.owner(&out.Attr)
 	out.SetTimeout(time.Nanosecond)
 	return 0

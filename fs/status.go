@@ -34,6 +34,7 @@ func (d *statusDir) fill(a *fuse.Attr) {
 	a.Mode = dirMode
 	a.Ino = statusDirIno
 	a.Nlink = 2
+	a.SetTimes(&d.m.started, &d.m.started, &d.m.started)
 	d.m.owner(a)
 }
 

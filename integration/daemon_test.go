@@ -121,7 +121,8 @@ func TestDaemonKillAndRestart(t *testing.T) {
 	want := mustRead(t, filepath.Join(src, "model-00001-of-00002.safetensors"))
 	ready := func() bool { b, err := os.ReadFile(file); return err == nil && bytes.Equal(b, want) }
 
-	first := startDaemon(t, "mount", mnt, "--model", "m="+src)
+	sock := filepath.Join(t.TempDir(), "control.sock")
+	first := startDaemon(t, "mount", mnt, "--model", "m="+src, "--socket", sock)
 	first.waitFor(t, "the first daemon to serve", ready)
 	must(t, first.cmd.Process.Signal(syscall.SIGKILL))
 	<-first.done
@@ -129,7 +130,7 @@ func TestDaemonKillAndRestart(t *testing.T) {
 		t.Fatal("mount still answers after SIGKILL")
 	}
 
-	second := startDaemon(t, "mount", mnt, "--model", "m="+src)
+	second := startDaemon(t, "mount", mnt, "--model", "m="+src, "--socket", sock)
 	second.waitFor(t, "the second daemon to serve on the stale mount point", ready)
 	if !strings.Contains(second.log(), "stale") {
 		t.Errorf("second daemon did not say it recovered a stale mount:\n%s", second.log())
@@ -153,7 +154,7 @@ func TestDaemonKillAndRestart(t *testing.T) {
 func TestDaemonDemo(t *testing.T) {
 	requireFUSE(t)
 	mnt := t.TempDir()
-	d := startDaemon(t, "mount", mnt, "--demo")
+	d := startDaemon(t, "mount", mnt, "--demo", "--socket", filepath.Join(t.TempDir(), "control.sock"))
 	d.waitFor(t, "the demo model", func() bool {
 		_, err := os.Stat(filepath.Join(mnt, "demo", "config.json"))
 		return err == nil
@@ -195,6 +196,15 @@ func TestCommandLineErrors(t *testing.T) {
 		{[]string{"mount", file}, "not a directory"},
 		{[]string{"mount", dir, "--model", "m=" + dir, "--model", "m=" + dir}, "given twice"},
 		{[]string{"mount", dir, "--log-format", "xml"}, "want text or json"},
+		{[]string{"mount", dir, "--host-memory", "lots"}, "--host-memory"},
+		{[]string{"mount", dir, "--host-memory", "120%"}, "percentage"},
+		{[]string{"mount", dir, "--gpu-memory", "10GiB"}, "--gpu-memory needs --gpu"},
+		{[]string{"load", "x"}, "usage: weightfs load NAME PATH"},
+		{[]string{"unload"}, "usage: weightfs unload NAME"},
+		{[]string{"ls", "extra"}, "usage: weightfs ls"},
+		{[]string{"status", "--bogus"}, "unknown flag: --bogus"},
+		{[]string{"verify", "m", "--version", "x"}, "--version"},
+		{[]string{"ls", "--socket", filepath.Join(dir, "none.sock")}, "no weightfs daemon at"},
 	}
 	for _, c := range cases {
 		out, err := exec.Command(bin, c.args...).CombinedOutput()

@@ -14,10 +14,16 @@ import (
 const usage = `weightfs keeps LLM weights resident in memory and mounts them read-only.
 
 Usage:
-  weightfs mount MOUNTPOINT [--model NAME=PATH]... [--demo] [flags]
+  weightfs mount MOUNTPOINT [--model NAME=PATH]... [--gpu ID]... [--demo] [flags]
+  weightfs load NAME PATH          load a model folder as the next version of NAME
+  weightfs unload NAME [--version N]
+  weightfs ls                      models and versions
+  weightfs status                  memory, GPUs, versions, loads in progress
+  weightfs verify NAME [--version N]  compare what is served with its source
   weightfs help
 
-Run "weightfs mount --help" for the mount flags.
+Client commands take --socket PATH (default: $WEIGHTFS_SOCKET, /run/weightfs/weightfs.sock
+for root) and --json. Run "weightfs COMMAND --help" for a command's flags.
 `
 
 // usageError is a mistake on the command line: one line, exit status 2.
@@ -42,6 +48,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "mount":
 		err = runMount(args[1:], stdout, stderr)
+	case "load":
+		err = runLoad(args[1:], stdout, stderr)
+	case "unload":
+		err = runUnload(args[1:], stdout, stderr)
+	case "ls", "list":
+		err = runList(args[1:], stdout, stderr)
+	case "status":
+		err = runStatus(args[1:], stdout, stderr)
+	case "verify":
+		err = runVerify(args[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0

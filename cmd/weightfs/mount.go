@@ -6,15 +6,18 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
 	"golang.org/x/term"
 
 	"github.com/weightfs/weightfs/cuda"
@@ -64,6 +67,10 @@ type mountFlags struct {
 	gpus       []string
 	allowUIDs  []uint
 	allowGIDs  []uint
+	socket     string
+	hostBudget int64
+	gpuMemory  string
+	metrics    string
 }
 
 func parseMountFlags(args []string, stderr io.Writer) (*mountFlags, error) {
@@ -82,6 +89,10 @@ func parseMountFlags(args []string, stderr io.Writer) (*mountFlags, error) {
 	fl.StringArrayVar(&f.gpus, "gpu", nil, "also keep weights on this GPU (CUDA index or UUID; repeatable)")
 	fl.UintSliceVar(&f.allowUIDs, "gpu-allow-uid", nil, "uids that may read GPU handles (default: the daemon's uid and root)")
 	fl.UintSliceVar(&f.allowGIDs, "gpu-allow-gid", nil, "gids that may read GPU handles")
+	fl.StringVar(&f.socket, "socket", defaultSocket(), "control socket for load, unload, ls, status, verify (mode 0600)")
+	hostMemory := fl.String("host-memory", "", "host memory budget: bytes with a unit (64GiB) or a percentage of RAM (80%); default: no budget")
+	fl.StringVar(&f.gpuMemory, "gpu-memory", "", "GPU memory budget on each --gpu: bytes with a unit or a percentage of the GPU's memory")
+	fl.StringVar(&f.metrics, "metrics-addr", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9464)")
 	fl.BoolVar(&f.debug, "debug", false, "log every FUSE request")
 	fl.StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 	// pflag prints its own message for unknown flags; keep it to our one line.
@@ -101,6 +112,20 @@ func parseMountFlags(args []string, stderr io.Writer) (*mountFlags, error) {
 		f.mountpoint = fl.Arg(0)
 	default:
 		return nil, usagef("mount: one MOUNTPOINT expected, got %d arguments: %s", fl.NArg(), strings.Join(fl.Args(), " "))
+	}
+	if *hostMemory != "" {
+		var si unix.Sysinfo_t
+		if err := unix.Sysinfo(&si); err != nil {
+			return nil, fmt.Errorf("sysinfo: %w", err)
+		}
+		b, err := parseSize(*hostMemory, uint64(si.Totalram)*uint64(si.Unit))
+		if err != nil {
+			return nil, usagef("--host-memory %v", err)
+		}
+		f.hostBudget = b
+	}
+	if f.gpuMemory != "" && len(f.gpus) == 0 {
+		return nil, usagef("--gpu-memory needs --gpu")
 	}
 	if f.logFormat != "text" && f.logFormat != "json" {
 		return nil, usagef("--log-format %q: want text or json", f.logFormat)
@@ -160,7 +185,18 @@ func runMount(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	defer closeGPUs()
-	st := store.New(arena, store.Options{Logger: log, GPUs: gpus})
+	budgets := store.Budgets{Host: f.hostBudget}
+	if f.gpuMemory != "" && len(gpus.List()) > 0 {
+		smallest := gpus.List()[0].Device().TotalMem
+		for _, g := range gpus.List() {
+			smallest = min(smallest, g.Device().TotalMem)
+		}
+		if budgets.GPU, err = parseSize(f.gpuMemory, smallest); err != nil {
+			arena.Close()
+			return usagef("--gpu-memory %v", err)
+		}
+	}
+	st := store.New(arena, store.Options{Logger: log, GPUs: gpus, Budgets: budgets})
 	defer st.Close()
 
 	var allowUIDs, allowGIDs []uint32
@@ -173,30 +209,62 @@ func runMount(args []string, stdout, stderr io.Writer) error {
 	if allowUIDs != nil || allowGIDs != nil {
 		allowUIDs = append(allowUIDs, 0, uint32(os.Getuid()))
 	}
+	control, err := listenControl(f.socket)
+	if err != nil {
+		return err
+	}
+	defer control.Close()
+	var metricsListener net.Listener
+	if f.metrics != "" {
+		if metricsListener, err = net.Listen("tcp", f.metrics); err != nil {
+			return fmt.Errorf("--metrics-addr %s: %w", f.metrics, err)
+		}
+		defer metricsListener.Close()
+	}
+
+	d := &daemon{store: st, log: log, metrics: newMetrics()}
+	d.gpuProcessBytes = nvmlProcessBytes(gpus, log)
+	var ready atomic.Bool
 	srv, err := wfs.Mount(f.mountpoint, st, wfs.Options{
 		ForceCached: f.cached, AllowOther: f.allowOther, Logger: log, Debug: f.debug,
 		AllowUIDs: allowUIDs, AllowGIDs: allowGIDs,
+		Status: func() []byte {
+			if !ready.Load() {
+				return []byte("{}\n")
+			}
+			return d.statusFile()
+		},
 	})
 	if err != nil {
 		return err
 	}
+	d.srv = srv
+	ready.Store(true)
+	d.metrics.watch(d)
 	if srv.Mode() == wfs.Passthrough {
-		log.Info("mounted", "mountpoint", srv.Mountpoint(), "reads", "passthrough", "host_memory", arena.Kind())
+		log.Info("mounted", "mountpoint", srv.Mountpoint(), "reads", "passthrough", "host_memory", arena.Kind(),
+			"socket", f.socket)
 	} else {
 		log.Warn("FUSE passthrough is OFF: reads go through the daemon and the page cache (slower)",
-			"reason", srv.CachedReason(), "mountpoint", srv.Mountpoint())
+			"reason", srv.CachedReason(), "mountpoint", srv.Mountpoint(), "socket", f.socket)
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	go serveHTTP(ctx, control, d.handler(), log, "control socket")
+	if metricsListener != nil {
+		log.Info("metrics", "addr", "http://"+addrOrPath(metricsListener)+"/metrics")
+		go serveHTTP(ctx, metricsListener, d.metrics.handler(), log, "metrics")
+	}
+	go st.Run(ctx, 2*time.Second)
 	go func() {
 		for _, m := range f.models {
 			if ctx.Err() != nil {
 				return
 			}
-			loadOne(ctx, st, m, srv.Mountpoint(), stdout, stderr, log)
+			loadOne(ctx, d, m, stdout, stderr)
 		}
-		fmt.Fprintf(stdout, "weightfs: serving %s (Ctrl-C to unmount)\n", srv.Mountpoint())
+		fmt.Fprintf(stdout, "weightfs: serving %s (Ctrl-C to unmount; control socket %s)\n", srv.Mountpoint(), f.socket)
 	}()
 
 	unmounted := make(chan struct{})
@@ -236,9 +304,9 @@ func shutdown(srv *wfs.Server, unmounted <-chan struct{}, log *slog.Logger) erro
 
 // loadOne loads one model with a progress bar on a terminal, a summary line
 // elsewhere. A failed load is reported and the daemon goes on serving.
-func loadOne(ctx context.Context, st *store.Store, m modelSpec, mountpoint string, stdout, stderr io.Writer, log *slog.Logger) {
+func loadOne(ctx context.Context, d *daemon, m modelSpec, stdout, stderr io.Writer) {
 	var bar *progressbar.ProgressBar
-	opts := store.LoadOptions{}
+	var progress func(done, total int64)
 	if isTerminal(stderr) {
 		bar = progressbar.NewOptions64(-1,
 			progressbar.OptionSetWriter(stderr),
@@ -248,45 +316,32 @@ func loadOne(ctx context.Context, st *store.Store, m modelSpec, mountpoint strin
 			progressbar.OptionThrottle(100*time.Millisecond),
 			progressbar.OptionClearOnFinish(),
 		)
-		opts.Progress = func(done, total int64) {
+		progress = func(done, total int64) {
 			bar.ChangeMax64(total)
 			bar.Set64(done)
 		}
 	}
-	v, err := st.Load(ctx, m.name, m.path, opts)
+	v, err := d.load(ctx, m.name, m.path, progress)
 	if bar != nil {
 		bar.Finish()
 	}
 	if err != nil {
-		log.Error("load failed", "model", m.name, "err", err)
+		d.log.Error("load failed", "model", m.name, "err", err)
 		return
 	}
 	secs := v.LoadTime().Seconds()
 	where := "host"
-	if gpus := st.GPUs().List(); len(gpus) > 0 && v.GPUError() == nil {
+	if gpus := d.store.GPUs().List(); len(gpus) > 0 && v.GPUError() == nil {
 		where = fmt.Sprintf("host + %d GPU", len(gpus))
 	}
 	fmt.Fprintf(stdout, "weightfs: %s → %s (%d files, %s in %.2fs, %s/s, %s)\n",
-		m.name, filepath.Join(mountpoint, v.Name()), len(v.Files()),
-		humanBytes(v.Bytes()), secs, humanBytes(int64(float64(v.Bytes())/max(secs, 1e-9))), where)
+		m.name, filepath.Join(d.srv.Mountpoint(), v.Name()), len(v.Files()),
+		store.HumanBytes(v.Bytes()), secs, store.HumanBytes(int64(float64(v.Bytes())/max(secs, 1e-9))), where)
 }
 
 func isTerminal(w io.Writer) bool {
 	f, ok := w.(*os.File)
 	return ok && term.IsTerminal(int(f.Fd()))
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
 // writeDemo writes the built-in demo model into the user's cache folder.
@@ -323,4 +378,25 @@ func openGPUs(ids []string, log *slog.Logger) (*store.GPUs, func(), error) {
 		log.Info("GPU residency", "gpu", d.Ordinal, "uuid", d.UUID, "name", d.Name)
 	}
 	return gpus, func() { gpus.Close(); driver.Close() }, nil
+}
+
+// nvmlProcessBytes returns NVML's figure of this process's memory on a GPU, or
+// nil where NVML is not there (a build without cgo, no driver).
+func nvmlProcessBytes(gpus *store.GPUs, log *slog.Logger) func(uuid string) uint64 {
+	if len(gpus.List()) == 0 {
+		return nil
+	}
+	mon, err := cuda.OpenMonitor()
+	if err != nil {
+		log.Info("NVML not available; GPU figures come from the CUDA driver", "err", err)
+		return nil
+	}
+	pid := os.Getpid()
+	return func(uuid string) uint64 {
+		n, err := mon.ProcessMemory(uuid, pid)
+		if err != nil {
+			return 0
+		}
+		return n
+	}
 }

@@ -1,0 +1,125 @@
+package main
+
+import (
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/weightfs/weightfs/store"
+)
+
+// metrics are the daemon's Prometheus metrics, on a registry of its own.
+type metrics struct {
+	registry    *prometheus.Registry
+	loads       *prometheus.CounterVec
+	loadSeconds prometheus.Histogram
+	errors      *prometheus.CounterVec
+}
+
+func newMetrics() *metrics {
+	m := &metrics{
+		registry: prometheus.NewRegistry(),
+		loads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "weightfs_loads_total", Help: "Model loads, by result (ok, error).",
+		}, []string{"result"}),
+		loadSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "weightfs_load_seconds", Help: "Time to load a model version (successful loads).",
+			Buckets: prometheus.ExponentialBuckets(0.01, 2, 16),
+		}),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "weightfs_errors_total", Help: "Errors, by kind (load, unload, verify, gpu).",
+		}, []string{"kind"}),
+	}
+	for _, kind := range []string{"load", "unload", "verify", "gpu"} {
+		m.errors.WithLabelValues(kind)
+	}
+	m.loads.WithLabelValues("ok")
+	m.loads.WithLabelValues("error")
+	m.registry.MustRegister(m.loads, m.loadSeconds, m.errors,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+func (m *metrics) observeLoad(d time.Duration, err error) {
+	if err != nil {
+		m.loads.WithLabelValues("error").Inc()
+		m.errors.WithLabelValues("load").Inc()
+		return
+	}
+	m.loads.WithLabelValues("ok").Inc()
+	m.loadSeconds.Observe(d.Seconds())
+}
+
+// watch adds the figures read from the store and the mount at each scrape.
+func (m *metrics) watch(d *daemon) {
+	m.registry.MustRegister(&stateCollector{d: d})
+}
+
+func (m *metrics) handler() http.Handler {
+	return promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{})
+}
+
+var (
+	residentDesc = prometheus.NewDesc("weightfs_resident_bytes",
+		"Bytes resident, by tier (host, gpu) and GPU UUID; draining versions included.", []string{"tier", "gpu"}, nil)
+	budgetDesc = prometheus.NewDesc("weightfs_budget_bytes",
+		"Memory budget by tier (0: none).", []string{"tier"}, nil)
+	versionsDesc = prometheus.NewDesc("weightfs_versions",
+		"Model versions, by state (ready, draining).", []string{"state"}, nil)
+	openFilesDesc = prometheus.NewDesc("weightfs_open_files",
+		"Files open on the mount.", nil, nil)
+	requestsDesc = prometheus.NewDesc("weightfs_fuse_requests_total",
+		"FUSE requests that reached the daemon, by type.", []string{"type"}, nil)
+	daemonReadsDesc = prometheus.NewDesc("weightfs_daemon_reads_total",
+		"READ requests that reached the daemon (0 under passthrough).", nil, nil)
+	handleRequestsDesc = prometheus.NewDesc("weightfs_handle_requests_total",
+		"Requests for CUDA handles (xattr and ioctl).", nil, nil)
+	handleDenialsDesc = prometheus.NewDesc("weightfs_handle_denials_total",
+		"Requests for CUDA handles refused for lack of permission.", nil, nil)
+)
+
+// stateCollector reads the store and the mount when scraped.
+type stateCollector struct{ d *daemon }
+
+func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{residentDesc, budgetDesc, versionsDesc, openFilesDesc,
+		requestsDesc, daemonReadsDesc, handleRequestsDesc, handleDenialsDesc} {
+		ch <- d
+	}
+}
+
+func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
+	u := c.d.store.Usage()
+	ch <- prometheus.MustNewConstMetric(residentDesc, prometheus.GaugeValue, float64(u.HostBytes), "host", "")
+	ch <- prometheus.MustNewConstMetric(budgetDesc, prometheus.GaugeValue, float64(u.HostBudget), "host")
+	var gpuBudget int64
+	for _, g := range u.GPUs {
+		ch <- prometheus.MustNewConstMetric(residentDesc, prometheus.GaugeValue, float64(g.Bytes), "gpu", g.UUID)
+		gpuBudget = g.Budget
+	}
+	ch <- prometheus.MustNewConstMetric(budgetDesc, prometheus.GaugeValue, float64(gpuBudget), "gpu")
+	ready, open := 0, 0
+	for _, m := range c.d.store.Models() {
+		for _, v := range m.Versions() {
+			ready++
+			open += v.OpenFiles()
+		}
+	}
+	draining := c.d.store.Draining()
+	for _, v := range draining {
+		open += v.OpenFiles()
+	}
+	ch <- prometheus.MustNewConstMetric(versionsDesc, prometheus.GaugeValue, float64(ready), store.StateReady)
+	ch <- prometheus.MustNewConstMetric(versionsDesc, prometheus.GaugeValue, float64(len(draining)), store.StateDraining)
+	ch <- prometheus.MustNewConstMetric(openFilesDesc, prometheus.GaugeValue, float64(open))
+	cnt := c.d.srv.Counters()
+	for op, n := range cnt.Requests {
+		ch <- prometheus.MustNewConstMetric(requestsDesc, prometheus.CounterValue, float64(n), op)
+	}
+	ch <- prometheus.MustNewConstMetric(daemonReadsDesc, prometheus.CounterValue, float64(cnt.DaemonReads))
+	ch <- prometheus.MustNewConstMetric(handleRequestsDesc, prometheus.CounterValue, float64(cnt.HandleRequests))
+	ch <- prometheus.MustNewConstMetric(handleDenialsDesc, prometheus.CounterValue, float64(cnt.HandleDenials))
+}
