@@ -9,6 +9,8 @@ import (
 	"io"
 	"os"
 	"sort"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -63,6 +65,7 @@ func (v *Version) NoteHandleHolder(pid int) {
 	if pid <= 0 {
 		return
 	}
+	pid = threadGroup(pid)
 	v.use.mu.Lock()
 	defer v.use.mu.Unlock()
 	if v.use.holders == nil {
@@ -126,6 +129,23 @@ func (v *Version) Residency() []string {
 		}
 	}
 	return []string{"host"}
+}
+
+// threadGroup maps a thread id (FUSE requests carry the calling thread's) to
+// its process id: the mapping lives as long as the process, not the thread.
+func threadGroup(tid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", tid))
+	if err != nil {
+		return tid
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "Tgid:"); ok {
+			if pid, err := strconv.Atoi(strings.TrimSpace(rest)); err == nil && pid > 0 {
+				return pid
+			}
+		}
+	}
+	return tid
 }
 
 func processAlive(pid int) bool {

@@ -140,3 +140,13 @@ func TestHumanBytes(t *testing.T) {
 		}
 	}
 }
+
+func TestThreadGroup(t *testing.T) {
+	pid := os.Getpid()
+	if got := threadGroup(pid); got != pid {
+		t.Errorf("threadGroup(own pid) = %d, want %d", got, pid)
+	}
+	if got := threadGroup(1 << 30); got != 1<<30 {
+		t.Errorf("threadGroup(no such task) = %d", got)
+	}
+}

@@ -155,8 +155,16 @@ def main():
     shards = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
     log(f"model: {len(shards)} shards in {src}")
 
+    sock = os.path.join(work, "control.sock")
+
+    def wfs(*a):
+        out = subprocess.run([args.bin, *a, "--socket", sock, "--json"], capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise AssertionError(f"weightfs {' '.join(a)}: {out.stderr.strip()}")
+        return json.loads(out.stdout)
+
     daemon = subprocess.Popen([args.bin, "mount", mnt, "--model", f"tiny={src}", "--model", f"odd={odd}",
-                               "--gpu", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               "--gpu", "0", "--socket", sock], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     try:
         for s in shards:
@@ -256,6 +264,42 @@ def main():
                     raise AssertionError(f"{k} not 256-aligned on the slab")
             return "BF16[3] then F32[5] then I64[3]: values equal, each 256-aligned"
         check("(f) tensors not naturally aligned in the source", f)
+
+        def g():
+            st = wfs("status")
+            gpu = st["gpus"][0]
+            want = sum(v["bytes"] for m in st["models"] for v in m["versions"])
+            if not gpu["name"] or not gpu["uuid"].startswith("GPU-") or gpu["bytes"] <= 0 or gpu["free"] <= 0:
+                raise AssertionError(f"status gpus: {gpu}")
+            tiny = next(m for m in st["models"] if m["name"] == "tiny")["versions"][0]
+            if not any(r.startswith("GPU-") for r in tiny["residency"]):
+                raise AssertionError(f"tiny residency {tiny['residency']}")
+            return (f"{gpu['name']} {gpu['uuid']}: {gpu['bytes']} B of slabs (NVML: {gpu.get('process_bytes', 0)} B "
+                    f"for the daemon), {gpu['free']} B free; host {st['host']['bytes']} B for {want} B of files")
+        check("(g) weightfs status: per-GPU figures and residency", g)
+
+        def h():
+            load = wfs("load", "tiny", src)["version"]
+            path = os.path.join(mnt, load["name"], shards[0])
+            before = wfs("status")["gpus"][0]["bytes"]
+            kid = subprocess.Popen([sys.executable, "-c", CHILD, os.path.join(HERE, "..", "python"), path],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            kid.stdout.readline()  # it holds the mapping now
+            gone = wfs("unload", "tiny", "--version", str(load["number"]))["unloaded"][0]
+            drain = wfs("ls")["draining"]
+            if gone["state"] != "draining" or not drain or kid.pid not in drain[0]["handle_holders"]:
+                raise AssertionError(f"unloaded {gone}, draining {drain}")
+            kid.stdin.write("\n")
+            kid.stdin.flush()
+            kid.wait(timeout=60)
+            deadline = time.time() + 15
+            while time.time() < deadline and wfs("ls")["draining"]:
+                time.sleep(0.5)
+            after = wfs("status")["gpus"][0]["bytes"]
+            if wfs("ls")["draining"] or after >= before:
+                raise AssertionError(f"still draining or GPU bytes not freed: {before} -> {after}")
+            return f"{load['name']} drained while pid {kid.pid} held its handles; GPU slabs {before} -> {after} B"
+        check("(h) unload while another process maps the handles: draining, then freed", h)
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         try:
