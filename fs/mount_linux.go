@@ -270,9 +270,11 @@ func prepareMountpoint(mountpoint string, log *slog.Logger) error {
 			}
 		case fstype == "fuse.weightfs":
 			return fmt.Errorf("mount point %s: a running weightfs already serves it", mountpoint)
-		default:
-			return fmt.Errorf("mount point %s: %s is already mounted there", mountpoint, fstype)
+		case strings.HasPrefix(fstype, "fuse"):
+			return fmt.Errorf("mount point %s: another FUSE file system (%s) is mounted there", mountpoint, fstype)
 		}
+		// Anything else (a bind mount, as a container's volume is) is
+		// mounted over, as mount(8) would.
 	}
 	st, err := os.Stat(mountpoint)
 	if err != nil {

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	wfs "github.com/weightfs/weightfs/fs"
+	"github.com/weightfs/weightfs/store"
 	"github.com/weightfs/weightfs/store/safetensors"
 )
 
@@ -370,5 +371,34 @@ func TestXattrs(t *testing.T) {
 	// Unknown names again: the kernel must still ask (no ENOSYS latch).
 	if n, err := unix.Getxattr(filepath.Join(m.dir, "x@1"), "user.weightfs.version", make([]byte, 64)); err != nil || n != 3 {
 		t.Errorf("version dir xattr: %d, %v", n, err)
+	}
+}
+
+// TestMountPointChecks: a bind mount (a container's volume) is mounted over;
+// a live weightfs is never mounted over.
+func TestMountPointChecks(t *testing.T) {
+	requireFUSE(t)
+	dir := t.TempDir()
+	must(t, unix.Mount(dir, dir, "", unix.MS_BIND, ""))
+	defer unix.Unmount(dir, unix.MNT_DETACH)
+	arena, err := store.OpenArena(0)
+	must(t, err)
+	st := store.New(arena, store.Options{})
+	defer st.Close()
+	srv, err := wfs.Mount(dir, st, wfs.Options{})
+	if err != nil {
+		t.Fatalf("mount over a bind mount: %v", err)
+	}
+	defer srv.Unmount()
+	if _, err := os.Stat(filepath.Join(dir, ".")); err != nil {
+		t.Fatal(err)
+	}
+	st2 := store.New(store.OpenMemfdArena(), store.Options{})
+	defer st2.Close()
+	if srv2, err := wfs.Mount(dir, st2, wfs.Options{}); err == nil {
+		srv2.Unmount()
+		t.Fatal("mounted over a live weightfs")
+	} else if !strings.Contains(err.Error(), "a running weightfs already serves it") {
+		t.Errorf("second mount: %v", err)
 	}
 }
