@@ -32,6 +32,8 @@ type Store struct {
 	draining []*Version       // unloaded, still in use
 	onRemove []func(*Version) // told of every version leaving the mount
 	loads    map[*Load]bool   // loads in progress
+	// lastNumber outlives a model's unload: version numbers are never reused.
+	lastNumber map[string]int
 
 	// nextIno hands out stable inode numbers: 1 is the mount's root.
 	nextIno atomic.Uint64
@@ -56,7 +58,7 @@ type Options struct {
 // the arena from now on and closes it in Close.
 func New(arena *Arena, opts Options) *Store {
 	s := &Store{arena: arena, log: opts.Logger, gpus: opts.GPUs, budgets: opts.Budgets,
-		models: map[string]*Model{}, loads: map[*Load]bool{}}
+		models: map[string]*Model{}, loads: map[*Load]bool{}, lastNumber: map[string]int{}}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -156,10 +158,10 @@ func (s *Store) commit(name string, v *Version) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	v.number = m.lastNumber + 1
+	s.lastNumber[name]++
+	v.number = s.lastNumber[name]
 	v.model = name
 	v.store = s
-	m.lastNumber = v.number
 	m.versions = append(m.versions, v)
 	m.current = v
 	return nil
@@ -188,10 +190,9 @@ type Model struct {
 	name string
 	ino  uint64
 
-	mu         sync.RWMutex
-	versions   []*Version // ascending numbers
-	current    *Version
-	lastNumber int
+	mu       sync.RWMutex
+	versions []*Version // ascending numbers
+	current  *Version
 }
 
 // Name is the model's name.
