@@ -321,19 +321,28 @@ func (s *Store) Usage() Usage {
 	s.reap()
 	s.mu.RLock()
 	defer s.mu.RUnlock()
-	u := Usage{HostReserved: s.reserved.host, HostBudget: s.budgets.Host}
-	for _, v := range s.allVersionsLocked() {
-		u.HostBytes += v.bytes
-	}
+	host, perGPU := s.residentLocked()
+	u := Usage{HostBytes: host, HostReserved: s.reserved.host, HostBudget: s.budgets.Host}
 	for _, g := range s.gpus.List() {
-		gu := GPUUsage{UUID: g.UUID(), Name: g.dev.Name, Ordinal: g.dev.Ordinal, Reserved: s.reserved.gpu, Budget: s.budgets.GPU}
-		for _, v := range s.allVersionsLocked() {
-			gu.Bytes += v.GPUBytes(g.UUID())
-		}
+		gu := GPUUsage{UUID: g.UUID(), Name: g.dev.Name, Ordinal: g.dev.Ordinal, Bytes: perGPU[g.UUID()],
+			Reserved: s.reserved.gpu, Budget: s.budgets.GPU}
 		gu.DeviceFree, gu.DeviceTotal, _ = g.MemInfo()
 		u.GPUs = append(u.GPUs, gu)
 	}
 	return u
+}
+
+// residentLocked sums host bytes and each GPU's slab bytes over ready and
+// draining versions.
+func (s *Store) residentLocked() (host int64, perGPU map[string]int64) {
+	perGPU = map[string]int64{}
+	for _, v := range s.allVersionsLocked() {
+		host += v.bytes
+		for _, g := range s.gpus.List() {
+			perGPU[g.UUID()] += v.GPUBytes(g.UUID())
+		}
+	}
+	return host, perGPU
 }
 
 func (s *Store) allVersionsLocked() []*Version {
@@ -352,14 +361,7 @@ type reservation struct{ host, gpu int64 }
 func (s *Store) reserve(name, dir string, host, gpu int64) (release func(), err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var usedHost int64
-	usedGPU := map[string]int64{}
-	for _, v := range s.allVersionsLocked() {
-		usedHost += v.bytes
-		for _, g := range s.gpus.List() {
-			usedGPU[g.UUID()] += v.GPUBytes(g.UUID())
-		}
-	}
+	usedHost, usedGPU := s.residentLocked()
 	if b := s.budgets.Host; b > 0 && usedHost+s.reserved.host+host > b {
 		free := max(0, b-usedHost-s.reserved.host)
 		return nil, fmt.Errorf("load %s from %s: needs %s of host memory, %s free of the %s budget (--host-memory)",

@@ -98,7 +98,7 @@ func (s *Store) Load(ctx context.Context, name, dir string, opts LoadOptions) (*
 			progress(done, total)
 		}
 	}
-	v, err := s.copyIn(ctx, abs, files, opts)
+	v, err := s.copyIn(ctx, abs, files, gpuNeed, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -267,7 +267,8 @@ type chunk struct {
 // when the store has GPUs, copies each weights file on to them as soon as its
 // host image is complete, overlapped with the reads of the others. On error
 // every image and slab made so far is freed.
-func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, opts LoadOptions) (v *Version, err error) {
+// gpuNeed is the slab memory the load takes on each GPU.
+func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, gpuNeed int64, opts LoadOptions) (v *Version, err error) {
 	readers, chunkSize := opts.Readers, opts.ChunkSize
 	if readers <= 0 {
 		readers = defaultReaders
@@ -314,7 +315,7 @@ func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, op
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	gpu := s.startReplication(root, files)
+	gpu := s.startReplication(root, len(files), gpuNeed)
 	var done atomic.Int64
 	var firstErr error
 	var errOnce sync.Once
@@ -394,17 +395,10 @@ type replication struct {
 	err  error
 }
 
-func (s *Store) startReplication(root string, files []*sourceFile) *replication {
-	r := &replication{work: make(chan *File, len(files)), done: make(chan struct{})}
+func (s *Store) startReplication(root string, files int, need int64) *replication {
+	r := &replication{work: make(chan *File, files), done: make(chan struct{})}
 	gpus := s.gpus
 	if len(gpus.List()) > 0 {
-		var need int64
-		for _, f := range files {
-			if f.header != nil {
-				_, size := SlabLayout(f.header)
-				need += slabAllocSize(size)
-			}
-		}
 		r.err = checkGPUMemory(gpus, need, root)
 	}
 	go func() {
