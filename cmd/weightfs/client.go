@@ -1,17 +1,12 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -21,71 +16,8 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/weightfs/weightfs/store"
+	"github.com/weightfs/weightfs/store/control"
 )
-
-// client talks to a running daemon over its control socket.
-type client struct {
-	socket string
-	http   *http.Client
-}
-
-func newClient(socket string) *client {
-	return &client{socket: socket, http: &http.Client{Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", socket)
-		},
-	}}}
-}
-
-// explain turns a failed connection into one line a person can act on.
-func (c *client) explain(err error) error {
-	switch {
-	case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
-		return fmt.Errorf("permission denied on the control socket %s (it is 0600: run as the daemon's user or root)", c.socket)
-	case errors.Is(err, syscall.ENOENT), errors.Is(err, syscall.ECONNREFUSED):
-		return fmt.Errorf("no weightfs daemon at %s: is `weightfs mount` running? (--socket or WEIGHTFS_SOCKET name another socket)", c.socket)
-	}
-	return fmt.Errorf("control socket %s: %w", c.socket, err)
-}
-
-func (c *client) do(ctx context.Context, method, path string, body any) (*http.Response, error) {
-	var rd io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return nil, err
-		}
-		rd = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, "http://weightfs"+path, rd)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		return nil, c.explain(err)
-	}
-	return resp, nil
-}
-
-// call sends a request and decodes a JSON answer into out; a non-2xx answer
-// becomes its error message.
-func (c *client) call(ctx context.Context, method, path string, body, out any) error {
-	resp, err := c.do(ctx, method, path, body)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode/100 != 2 {
-		var e ErrorJSON
-		if json.NewDecoder(resp.Body).Decode(&e) == nil && e.Error != "" {
-			return errors.New(e.Error)
-		}
-		return fmt.Errorf("daemon answered %s", resp.Status)
-	}
-	return json.NewDecoder(resp.Body).Decode(out)
-}
 
 // clientFlags are the flags every client subcommand takes.
 type clientFlags struct {
@@ -96,7 +28,7 @@ type clientFlags struct {
 
 func newClientFlags(name, usage string, stderr io.Writer) *clientFlags {
 	cf := &clientFlags{fl: pflag.NewFlagSet("weightfs "+name, pflag.ContinueOnError)}
-	cf.fl.StringVar(&cf.socket, "socket", defaultSocket(), "the daemon's control socket")
+	cf.fl.StringVar(&cf.socket, "socket", control.DefaultSocket(), "the daemon's control socket")
 	cf.fl.BoolVar(&cf.json, "json", false, "print JSON for scripts")
 	cf.fl.SetOutput(io.Discard)
 	cf.fl.Usage = func() {
@@ -138,57 +70,36 @@ func runLoad(args []string, stdout, stderr io.Writer) error {
 	if err := store.ValidateModelName(name); err != nil {
 		return usagef("load: %v", err)
 	}
-	abs, err := filepath.Abs(path) // the daemon's working directory is not ours
-	if err != nil {
-		return usagef("load: %v", err)
-	}
 	ctx, stop := signalContext()
 	defer stop()
-	resp, err := newClient(cf.socket).do(ctx, http.MethodPost, "/v1/load", LoadRequest{Name: name, Path: abs})
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
 	var bar *progressbar.ProgressBar
+	var progress func(done, total int64)
 	if !cf.json && isTerminal(stderr) {
 		bar = progressbar.NewOptions64(-1, progressbar.OptionSetWriter(stderr),
 			progressbar.OptionSetDescription("loading "+name), progressbar.OptionShowBytes(true),
 			progressbar.OptionShowTotalBytes(true), progressbar.OptionThrottle(100*time.Millisecond),
 			progressbar.OptionClearOnFinish())
-		defer bar.Finish()
-	}
-	sc := bufio.NewScanner(resp.Body)
-	for sc.Scan() {
-		var ev LoadEvent
-		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
-			return fmt.Errorf("load %s: bad answer from the daemon: %w", name, err)
-		}
-		switch {
-		case ev.Error != "":
-			return errors.New(ev.Error)
-		case ev.Version != nil:
-			if bar != nil {
-				bar.Finish()
-			}
-			if cf.json {
-				return printJSON(stdout, map[string]any{"version": ev.Version})
-			}
-			v := ev.Version
-			fmt.Fprintf(stdout, "loaded %s: %d files, %s in %.2fs (%s/s), on %s\n", v.Name, v.Files,
-				store.HumanBytes(v.Bytes), v.LoadSeconds, store.HumanBytes(int64(v.LoadRate)), strings.Join(v.Residency, ", "))
-			if v.GPUError != "" {
-				fmt.Fprintf(stderr, "weightfs: %s is host-only: %s\n", v.Name, v.GPUError)
-			}
-			return nil
-		case bar != nil:
-			bar.ChangeMax64(ev.Total)
-			bar.Set64(ev.Done)
+		progress = func(done, total int64) {
+			bar.ChangeMax64(total)
+			bar.Set64(done)
 		}
 	}
-	if err := sc.Err(); err != nil {
-		return fmt.Errorf("load %s: %w", name, err)
+	v, err := control.NewClient(cf.socket).Load(ctx, name, path, progress)
+	if bar != nil {
+		bar.Finish()
 	}
-	return fmt.Errorf("load %s: the daemon closed the connection without an answer", name)
+	if err != nil {
+		return err
+	}
+	if cf.json {
+		return printJSON(stdout, map[string]any{"version": v})
+	}
+	fmt.Fprintf(stdout, "loaded %s: %d files, %s in %.2fs (%s/s), on %s\n", v.Name, v.Files,
+		store.HumanBytes(v.Bytes), v.LoadSeconds, store.HumanBytes(int64(v.LoadRate)), strings.Join(v.Residency, ", "))
+	if v.GPUError != "" {
+		fmt.Fprintf(stderr, "weightfs: %s is host-only: %s\n", v.Name, v.GPUError)
+	}
+	return nil
 }
 
 func runUnload(args []string, stdout, stderr io.Writer) error {
@@ -201,15 +112,14 @@ func runUnload(args []string, stdout, stderr io.Writer) error {
 	if *version < 0 {
 		return usagef("unload: --version %d: want a version number", *version)
 	}
-	var out UnloadJSON
-	req := map[string]any{"name": cf.fl.Arg(0), "version": *version}
-	if err := newClient(cf.socket).call(context.Background(), http.MethodPost, "/v1/unload", req, &out); err != nil {
+	gone, err := control.NewClient(cf.socket).Unload(context.Background(), cf.fl.Arg(0), *version)
+	if err != nil {
 		return err
 	}
 	if cf.json {
-		return printJSON(stdout, out)
+		return printJSON(stdout, control.Unloaded{Unloaded: gone})
 	}
-	for _, v := range out.Unloaded {
+	for _, v := range gone {
 		if v.State == store.StateDraining && (v.OpenFiles > 0 || len(v.HandleHolders) > 0) {
 			fmt.Fprintf(stdout, "unloaded %s (draining: %d open files, %d processes hold GPU handles)\n",
 				v.Name, v.OpenFiles, len(v.HandleHolders))
@@ -226,8 +136,8 @@ func runList(args []string, stdout, stderr io.Writer) error {
 	if err := cf.parse(args, 0, 0, usage); err != nil {
 		return err
 	}
-	var out ListJSON
-	if err := newClient(cf.socket).call(context.Background(), http.MethodGet, "/v1/models", nil, &out); err != nil {
+	out, err := control.NewClient(cf.socket).List(context.Background())
+	if err != nil {
 		return err
 	}
 	if cf.json {
@@ -237,10 +147,10 @@ func runList(args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
-func printVersions(w io.Writer, models []ModelJSON, draining []VersionJSON) {
+func printVersions(w io.Writer, models []control.Model, draining []control.Version) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "VERSION\tSTATE\tFILES\tSIZE\tRESIDENT ON\tOPEN\tLOADED\tLOAD RATE\tSOURCE")
-	row := func(v VersionJSON) {
+	row := func(v control.Version) {
 		name := v.Name
 		if v.Current {
 			name += " *"
@@ -265,8 +175,8 @@ func runStatus(args []string, stdout, stderr io.Writer) error {
 	if err := cf.parse(args, 0, 0, usage); err != nil {
 		return err
 	}
-	var st StatusJSON
-	if err := newClient(cf.socket).call(context.Background(), http.MethodGet, "/v1/status", nil, &st); err != nil {
+	st, err := control.NewClient(cf.socket).Status(context.Background())
+	if err != nil {
 		return err
 	}
 	if cf.json {
@@ -306,9 +216,8 @@ func runVerify(args []string, stdout, stderr io.Writer) error {
 	if err := cf.parse(args, 1, 1, usage); err != nil {
 		return err
 	}
-	var out VerifyJSON
-	req := map[string]any{"name": cf.fl.Arg(0), "version": *version}
-	if err := newClient(cf.socket).call(context.Background(), http.MethodPost, "/v1/verify", req, &out); err != nil {
+	out, err := control.NewClient(cf.socket).Verify(context.Background(), cf.fl.Arg(0), *version)
+	if err != nil {
 		return err
 	}
 	if cf.json {

@@ -1,65 +1,22 @@
 package main
 
 import (
-	"net/http"
-	"time"
-
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	wfs "github.com/weightfs/weightfs/fs"
 	"github.com/weightfs/weightfs/store"
+	"github.com/weightfs/weightfs/store/control"
 )
 
-// metrics are the daemon's Prometheus metrics, on a registry of its own.
-type metrics struct {
-	registry    *prometheus.Registry
-	loads       *prometheus.CounterVec
-	loadSeconds prometheus.Histogram
-	errors      *prometheus.CounterVec
-}
-
-func newMetrics() *metrics {
-	m := &metrics{
-		registry: prometheus.NewRegistry(),
-		loads: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "weightfs_loads_total", Help: "Model loads, by result (ok, error).",
-		}, []string{"result"}),
-		loadSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "weightfs_load_seconds", Help: "Time to load a model version (successful loads).",
-			Buckets: prometheus.ExponentialBuckets(0.01, 2, 16),
-		}),
-		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "weightfs_errors_total", Help: "Errors, by kind (load, unload, verify, gpu).",
-		}, []string{"kind"}),
-	}
-	for _, kind := range []string{"load", "unload", "verify", "gpu"} {
-		m.errors.WithLabelValues(kind)
-	}
-	m.loads.WithLabelValues("ok")
-	m.loads.WithLabelValues("error")
-	m.registry.MustRegister(m.loads, m.loadSeconds, m.errors,
+// newRegistry gathers the daemon's Prometheus metrics: the control server's,
+// the store's and the mount's, with the Go and process collectors.
+func newRegistry(d *daemon) *prometheus.Registry {
+	r := prometheus.NewRegistry()
+	r.MustRegister(d.control.Collectors()...)
+	r.MustRegister(newStateCollector(d),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	return m
-}
-
-func (m *metrics) observeLoad(d time.Duration, err error) {
-	if err != nil {
-		m.loads.WithLabelValues("error").Inc()
-		m.errors.WithLabelValues("load").Inc()
-		return
-	}
-	m.loads.WithLabelValues("ok").Inc()
-	m.loadSeconds.Observe(d.Seconds())
-}
-
-// watch adds the figures read from the store and the mount at each scrape.
-func (m *metrics) watch(d *daemon) {
-	m.registry.MustRegister(newStateCollector(d))
-}
-
-func (m *metrics) handler() http.Handler {
-	return promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{})
+	return r
 }
 
 // stateCollector reads the store and the mount when scraped.
@@ -129,4 +86,11 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.daemonReads, prometheus.CounterValue, float64(cnt.DaemonReads))
 	ch <- prometheus.MustNewConstMetric(c.handleRequests, prometheus.CounterValue, float64(cnt.HandleRequests))
 	ch <- prometheus.MustNewConstMetric(c.handleDenials, prometheus.CounterValue, float64(cnt.HandleDenials))
+}
+
+// daemon is what the metrics read: the store and the mount.
+type daemon struct {
+	store   *store.Store
+	srv     *wfs.Server
+	control *control.Server
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -11,10 +12,10 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/pflag"
 	"golang.org/x/sys/unix"
@@ -23,6 +24,7 @@ import (
 	"github.com/weightfs/weightfs/cuda"
 	wfs "github.com/weightfs/weightfs/fs"
 	"github.com/weightfs/weightfs/store"
+	"github.com/weightfs/weightfs/store/control"
 	"github.com/weightfs/weightfs/store/demo"
 )
 
@@ -89,7 +91,7 @@ func parseMountFlags(args []string, stderr io.Writer) (*mountFlags, error) {
 	fl.StringArrayVar(&f.gpus, "gpu", nil, "also keep weights on this GPU (CUDA index or UUID; repeatable)")
 	fl.UintSliceVar(&f.allowUIDs, "gpu-allow-uid", nil, "uids that may read GPU handles (default: the daemon's uid and root)")
 	fl.UintSliceVar(&f.allowGIDs, "gpu-allow-gid", nil, "gids that may read GPU handles")
-	fl.StringVar(&f.socket, "socket", defaultSocket(), "control socket for load, unload, ls, status, verify (mode 0600)")
+	fl.StringVar(&f.socket, "socket", control.DefaultSocket(), "control socket for load, unload, ls, status, verify (mode 0600)")
 	hostMemory := fl.String("host-memory", "", "host memory budget: bytes with a unit (64GiB) or a percentage of RAM (80%); default: no budget")
 	fl.StringVar(&f.gpuMemory, "gpu-memory", "", "GPU memory budget on each --gpu: bytes with a unit or a percentage of the GPU's memory")
 	fl.StringVar(&f.metrics, "metrics-addr", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9464)")
@@ -209,11 +211,11 @@ func runMount(args []string, stdout, stderr io.Writer) error {
 	if allowUIDs != nil || allowGIDs != nil {
 		allowUIDs = append(allowUIDs, 0, uint32(os.Getuid()))
 	}
-	control, err := listenControl(f.socket)
+	controlListener, err := control.Listen(f.socket)
 	if err != nil {
 		return err
 	}
-	defer control.Close()
+	defer controlListener.Close()
 	var metricsListener net.Listener
 	if f.metrics != "" {
 		if metricsListener, err = net.Listen("tcp", f.metrics); err != nil {
@@ -222,25 +224,17 @@ func runMount(args []string, stdout, stderr io.Writer) error {
 		defer metricsListener.Close()
 	}
 
-	d := &daemon{store: st, log: log, metrics: newMetrics()}
-	d.gpuProcessBytes = nvmlProcessBytes(gpus, log)
-	var ready atomic.Bool
+	ctl := control.NewServer(st, control.Options{Logger: log, GPUProcessBytes: nvmlProcessBytes(gpus, log)})
 	srv, err := wfs.Mount(f.mountpoint, st, wfs.Options{
 		ForceCached: f.cached, AllowOther: f.allowOther, Logger: log, Debug: f.debug,
 		AllowUIDs: allowUIDs, AllowGIDs: allowGIDs,
-		Status: func() []byte {
-			if !ready.Load() {
-				return []byte("{}\n")
-			}
-			return d.statusFile()
-		},
+		Status: func() []byte { return renderStatus(ctl.Status()) },
 	})
 	if err != nil {
 		return err
 	}
-	d.srv = srv
-	ready.Store(true)
-	d.metrics.watch(d)
+	ctl.SetMount(func() control.MountStatus { return mountStatus(srv) })
+	d := &daemon{store: st, control: ctl, srv: srv}
 	if srv.Mode() == wfs.Passthrough {
 		log.Info("mounted", "mountpoint", srv.Mountpoint(), "reads", "passthrough", "host_memory", arena.Kind(),
 			"socket", f.socket)
@@ -251,10 +245,10 @@ func runMount(args []string, stdout, stderr io.Writer) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
-	go serveHTTP(ctx, control, d.handler(), log, "control socket")
+	go control.Serve(ctx, controlListener, ctl.Handler(), log, "control socket")
 	if metricsListener != nil {
-		log.Info("metrics", "addr", "http://"+addrOrPath(metricsListener)+"/metrics")
-		go serveHTTP(ctx, metricsListener, d.metrics.handler(), log, "metrics")
+		log.Info("metrics", "addr", "http://"+metricsListener.Addr().String()+"/metrics")
+		go control.Serve(ctx, metricsListener, promhttp.HandlerFor(newRegistry(d), promhttp.HandlerOpts{}), log, "metrics")
 	}
 	go st.Run(ctx, 2*time.Second)
 	go func() {
@@ -262,7 +256,7 @@ func runMount(args []string, stdout, stderr io.Writer) error {
 			if ctx.Err() != nil {
 				return
 			}
-			loadOne(ctx, d, m, stdout, stderr)
+			loadOne(ctx, ctl, st, srv, log, m, stdout, stderr)
 		}
 		fmt.Fprintf(stdout, "weightfs: serving %s (Ctrl-C to unmount; control socket %s)\n", srv.Mountpoint(), f.socket)
 	}()
@@ -304,7 +298,7 @@ func shutdown(srv *wfs.Server, unmounted <-chan struct{}, log *slog.Logger) erro
 
 // loadOne loads one model with a progress bar on a terminal, a summary line
 // elsewhere. A failed load is reported and the daemon goes on serving.
-func loadOne(ctx context.Context, d *daemon, m modelSpec, stdout, stderr io.Writer) {
+func loadOne(ctx context.Context, ctl *control.Server, st *store.Store, srv *wfs.Server, log *slog.Logger, m modelSpec, stdout, stderr io.Writer) {
 	var bar *progressbar.ProgressBar
 	var progress func(done, total int64)
 	if isTerminal(stderr) {
@@ -321,21 +315,21 @@ func loadOne(ctx context.Context, d *daemon, m modelSpec, stdout, stderr io.Writ
 			bar.Set64(done)
 		}
 	}
-	v, err := d.load(ctx, m.name, m.path, progress)
+	v, err := ctl.Load(ctx, m.name, m.path, progress)
 	if bar != nil {
 		bar.Finish()
 	}
 	if err != nil {
-		d.log.Error("load failed", "model", m.name, "err", err)
+		log.Error("load failed", "model", m.name, "err", err)
 		return
 	}
 	secs := v.LoadTime().Seconds()
 	where := "host"
-	if gpus := d.store.GPUs().List(); len(gpus) > 0 && v.GPUError() == nil {
+	if gpus := st.GPUs().List(); len(gpus) > 0 && v.GPUError() == nil {
 		where = fmt.Sprintf("host + %d GPU", len(gpus))
 	}
 	fmt.Fprintf(stdout, "weightfs: %s → %s (%d files, %s in %.2fs, %s/s, %s)\n",
-		m.name, filepath.Join(d.srv.Mountpoint(), v.Name()), len(v.Files()),
+		m.name, filepath.Join(srv.Mountpoint(), v.Name()), len(v.Files()),
 		store.HumanBytes(v.Bytes()), secs, store.HumanBytes(int64(float64(v.Bytes())/max(secs, 1e-9))), where)
 }
 
@@ -399,4 +393,20 @@ func nvmlProcessBytes(gpus *store.GPUs, log *slog.Logger) func(uuid string) uint
 		}
 		return n
 	}
+}
+
+// renderStatus is .weightfs/status.json.
+func renderStatus(st control.Status) []byte {
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return []byte(fmt.Sprintf("{\"error\": %q}\n", err))
+	}
+	return append(b, '\n')
+}
+
+// mountStatus is the file system's side of the status.
+func mountStatus(srv *wfs.Server) control.MountStatus {
+	c := srv.Counters()
+	return control.MountStatus{Mountpoint: srv.Mountpoint(), ReadMode: srv.Mode().String(), CachedReason: srv.CachedReason(),
+		Requests: c.Requests, DaemonReads: c.DaemonReads, HandleRequests: c.HandleRequests, HandleDenials: c.HandleDenials}
 }

@@ -1,0 +1,51 @@
+package control
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics count what the control API does.
+type metrics struct {
+	loads       *prometheus.CounterVec
+	loadSeconds prometheus.Histogram
+	errors      *prometheus.CounterVec
+}
+
+func newMetrics() *metrics {
+	m := &metrics{
+		loads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "weightfs_loads_total", Help: "Model loads, by result (ok, error).",
+		}, []string{"result"}),
+		loadSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "weightfs_load_seconds", Help: "Time to load a model version (successful loads).",
+			Buckets: prometheus.ExponentialBuckets(0.01, 2, 16),
+		}),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "weightfs_errors_total", Help: "Errors, by kind (load, unload, verify, gpu).",
+		}, []string{"kind"}),
+	}
+	for _, kind := range []string{"load", "unload", "verify", "gpu"} {
+		m.errors.WithLabelValues(kind)
+	}
+	m.loads.WithLabelValues("ok")
+	m.loads.WithLabelValues("error")
+	return m
+}
+
+func (m *metrics) observeLoad(d time.Duration, err error) {
+	if err != nil {
+		m.loads.WithLabelValues("error").Inc()
+		m.errors.WithLabelValues("load").Inc()
+		return
+	}
+	m.loads.WithLabelValues("ok").Inc()
+	m.loadSeconds.Observe(d.Seconds())
+}
+
+// Collectors are the server's Prometheus metrics, to register beside the
+// store's and the mount's.
+func (s *Server) Collectors() []prometheus.Collector {
+	return []prometheus.Collector{s.metrics.loads, s.metrics.loadSeconds, s.metrics.errors}
+}

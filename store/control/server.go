@@ -1,0 +1,248 @@
+package control
+
+import (
+	"context"
+	"encoding/json"
+	"log/slog"
+	"net/http"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/weightfs/weightfs/store"
+)
+
+// Server answers the control API over a store.
+type Server struct {
+	store   *store.Store
+	log     *slog.Logger
+	metrics *metrics
+	mount   atomic.Pointer[func() MountStatus]
+	gpuProc func(uuid string) uint64
+}
+
+// Options configure a Server.
+type Options struct {
+	// Logger receives request failures (default: slog.Default()).
+	Logger *slog.Logger
+	// GPUProcessBytes, if set, is NVML's figure of this process's memory on
+	// a GPU, shown beside the store's own count.
+	GPUProcessBytes func(uuid string) uint64
+}
+
+// NewServer serves st.
+func NewServer(st *store.Store, opts Options) *Server {
+	s := &Server{store: st, log: opts.Logger, metrics: newMetrics(), gpuProc: opts.GPUProcessBytes}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	return s
+}
+
+// SetMount names what reports the file system's side of the status; it is
+// set once the mount exists (the mount shows the server's status in turn).
+func (s *Server) SetMount(report func() MountStatus) { s.mount.Store(&report) }
+
+// Load loads a model folder as the next version of name and counts it in
+// the metrics; progress may be nil.
+func (s *Server) Load(ctx context.Context, name, path string, progress func(done, total int64)) (*store.Version, error) {
+	start := time.Now()
+	v, err := s.store.Load(ctx, name, path, store.LoadOptions{Progress: progress})
+	s.metrics.observeLoad(time.Since(start), err)
+	if err == nil && v.GPUError() != nil {
+		s.metrics.errors.WithLabelValues("gpu").Inc()
+	}
+	return v, err
+}
+
+// Handler is the HTTP API (docs/CONTROL.md).
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/models", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, s.List())
+	})
+	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, s.Status())
+	})
+	mux.HandleFunc("POST /v1/load", s.serveLoad)
+	mux.HandleFunc("POST /v1/unload", s.serveUnload)
+	mux.HandleFunc("POST /v1/verify", s.serveVerify)
+	return mux
+}
+
+func (s *Server) serveUnload(w http.ResponseWriter, r *http.Request) {
+	var req VersionRequest
+	if !readJSON(w, r, &req) {
+		return
+	}
+	gone, err := s.store.Unload(req.Name, req.Version)
+	if err != nil {
+		s.metrics.errors.WithLabelValues("unload").Inc()
+		writeError(w, err)
+		return
+	}
+	out := Unloaded{Unloaded: []Version{}}
+	for _, v := range gone {
+		out.Unloaded = append(out.Unloaded, versionOf(v, false))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) serveVerify(w http.ResponseWriter, r *http.Request) {
+	var req VersionRequest
+	if !readJSON(w, r, &req) {
+		return
+	}
+	v, checks, err := s.store.Verify(r.Context(), req.Name, req.Version)
+	if err != nil {
+		s.metrics.errors.WithLabelValues("verify").Inc()
+		writeError(w, err)
+		return
+	}
+	out := Verified{Version: v.Name(), OK: true, Files: []VerifiedFile{}}
+	for _, c := range checks {
+		out.OK = out.OK && c.OK
+		out.Files = append(out.Files, VerifiedFile{Path: c.Path, Source: c.Source, OK: c.OK,
+			Problem: c.Problem, SHA256: c.SHA256, SourceSHA256: c.SourceSHA256})
+	}
+	if !out.OK {
+		s.log.Warn("verify found differences", "version", v.Name())
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// serveLoad streams progress as JSON lines, then the version or the error.
+// The load stops if the client goes away.
+func (s *Server) serveLoad(w http.ResponseWriter, r *http.Request) {
+	var req LoadRequest
+	if !readJSON(w, r, &req) {
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	flusher, _ := w.(http.Flusher)
+	var mu sync.Mutex
+	enc := json.NewEncoder(w)
+	send := func(ev LoadEvent) {
+		mu.Lock()
+		defer mu.Unlock()
+		enc.Encode(ev)
+		if flusher != nil {
+			flusher.Flush()
+		}
+	}
+	var last time.Time
+	progress := func(done, total int64) {
+		mu.Lock()
+		due := time.Since(last) > 100*time.Millisecond || done == total
+		if due {
+			last = time.Now()
+		}
+		mu.Unlock()
+		if due {
+			send(LoadEvent{Done: done, Total: total})
+		}
+	}
+	v, err := s.Load(r.Context(), req.Name, req.Path, progress)
+	if err != nil {
+		s.log.Error("load failed", "model", req.Name, "path", req.Path, "err", err)
+		body, _ := errorBody(err)
+		send(LoadEvent{Error: &body})
+		return
+	}
+	vj := versionOf(v, true)
+	send(LoadEvent{Version: &vj})
+}
+
+func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(v); err != nil {
+		writeJSON(w, http.StatusBadRequest, errorAnswer{ErrorBody{Code: CodeInvalid, Message: "bad request: " + err.Error()}})
+		return false
+	}
+	return true
+}
+
+func writeError(w http.ResponseWriter, err error) {
+	body, status := errorBody(err)
+	writeJSON(w, status, errorAnswer{body})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+func versionOf(v *store.Version, current bool) Version {
+	secs := v.LoadTime().Seconds()
+	j := Version{
+		Name: v.Name(), Model: v.Model(), Number: v.Number(), State: v.State(), Current: current,
+		Files: len(v.Files()), Bytes: v.Bytes(), Residency: v.Residency(), OpenFiles: v.OpenFiles(),
+		HandleHolders: v.HandleHolders(), LoadedAt: v.LoadedAt().UTC().Format(time.RFC3339),
+		LoadSeconds: secs, Source: v.Source(),
+	}
+	if j.HandleHolders == nil {
+		j.HandleHolders = []int{}
+	}
+	if secs > 0 {
+		j.LoadRate = float64(v.Bytes()) / secs
+	}
+	if err := v.GPUError(); err != nil {
+		j.GPUError = err.Error()
+	}
+	return j
+}
+
+// List is every model with its versions, and the draining versions.
+func (s *Server) List() List {
+	out := List{Models: []Model{}, Draining: []Version{}}
+	for _, m := range s.store.Models() {
+		cur := m.Current()
+		mj := Model{Name: m.Name()}
+		if cur != nil {
+			mj.Current = cur.Number()
+		}
+		for _, v := range m.Versions() {
+			mj.Versions = append(mj.Versions, versionOf(v, v == cur))
+		}
+		out.Models = append(out.Models, mj)
+	}
+	for _, v := range s.store.Draining() {
+		out.Draining = append(out.Draining, versionOf(v, false))
+	}
+	sort.Slice(out.Draining, func(i, j int) bool { return out.Draining[i].Name < out.Draining[j].Name })
+	return out
+}
+
+// Status is the whole picture: mount, memory, GPUs, versions, loads.
+func (s *Server) Status() Status {
+	list := s.List()
+	u := s.store.Usage()
+	out := Status{
+		Host:   Host{Bytes: u.HostBytes, Reserved: u.HostReserved, Budget: u.HostBudget, Arena: s.store.Arena().Kind()},
+		GPUs:   []GPU{},
+		Models: list.Models, Draining: list.Draining, Loads: []Load{},
+	}
+	if report := s.mount.Load(); report != nil {
+		out.MountStatus = (*report)()
+	}
+	if out.Requests == nil {
+		out.Requests = map[string]uint64{}
+	}
+	for _, g := range u.GPUs {
+		gj := GPU{Index: g.Ordinal, UUID: g.UUID, Name: g.Name, Bytes: g.Bytes, Reserved: g.Reserved,
+			Budget: g.Budget, Free: g.DeviceFree, Total: g.DeviceTotal}
+		if s.gpuProc != nil {
+			gj.ProcessBytes = s.gpuProc(g.UUID)
+		}
+		out.GPUs = append(out.GPUs, gj)
+	}
+	for _, l := range s.store.Loads() {
+		done, total := l.Progress()
+		out.Loads = append(out.Loads, Load{Name: l.Name, Source: l.Source, Done: done, Total: total})
+	}
+	return out
+}
