@@ -228,12 +228,7 @@ func runMount(args []string, stdout, stderr io.Writer) error {
 	srv, err := wfs.Mount(f.mountpoint, st, wfs.Options{
 		ForceCached: f.cached, AllowOther: f.allowOther, Logger: log, Debug: f.debug,
 		AllowUIDs: allowUIDs, AllowGIDs: allowGIDs,
-		Status: func() []byte {
-			if !ready.Load() {
-				return []byte("{}\n")
-			}
-			return d.statusFile()
-		},
+		Status: daemonStatus{d: d, ready: &ready},
 	})
 	if err != nil {
 		return err
@@ -276,6 +271,19 @@ func runMount(args []string, stdout, stderr io.Writer) error {
 	}
 	stop()
 	return shutdown(srv, unmounted, log)
+}
+
+// daemonStatus is what .weightfs/status.json shows: {} until the mount is up.
+type daemonStatus struct {
+	d     *daemon
+	ready *atomic.Bool
+}
+
+func (s daemonStatus) Status() any {
+	if !s.ready.Load() {
+		return nil
+	}
+	return s.d.status()
 }
 
 // shutdown unmounts; while readers hold files open it detaches the mount and

@@ -42,15 +42,6 @@ func (d *daemon) load(ctx context.Context, name, path string, progress func(done
 
 func (d *daemon) status() StatusJSON { return statusJSON(d.store, d.srv, d.gpuProcessBytes) }
 
-// statusFile renders .weightfs/status.json.
-func (d *daemon) statusFile() []byte {
-	b, err := json.MarshalIndent(d.status(), "", "  ")
-	if err != nil {
-		return []byte(fmt.Sprintf("{\"error\": %q}\n", err))
-	}
-	return append(b, '\n')
-}
-
 func (d *daemon) handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/models", func(w http.ResponseWriter, r *http.Request) {
