@@ -25,6 +25,7 @@ var (
 	_ gofs.NodeIoctler     = (*fileNode)(nil)
 	_ gofs.NodeOpener      = (*fileNode)(nil)
 	_ gofs.NodeGetattrer   = (*fileNode)(nil)
+	_ gofs.NodeStatfser    = (*fileNode)(nil)
 	_ gofs.NodeGetxattrer  = (*fileNode)(nil)
 	_ gofs.NodeListxattrer = (*fileNode)(nil)
 )
@@ -45,6 +46,10 @@ func (n *fileNode) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.Att
 	n.m.count(opGetattr)
 	n.fill(&out.Attr)
 	return 0
+}
+
+func (n *fileNode) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	return n.m.statfs(out)
 }
 
 func (n *fileNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
@@ -89,7 +94,7 @@ func (n *fileNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint
 func (n *fileNode) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
 	n.m.count(opListxattr)
 	attrs := n.attrs()
-	if _, ok := n.file.CUDAManifest(); ok {
+	if _, ok := n.m.manifest(n.file); ok {
 		attrs = append(attrs, xattr{name: CUDAXattr})
 	}
 	return listxattr(dest, attrs)

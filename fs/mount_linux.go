@@ -51,8 +51,9 @@ type Options struct {
 	Logger *slog.Logger
 	// Debug logs every FUSE request.
 	Debug bool
-	// Status, if set, renders .weightfs/status.json at the mount's root.
-	Status func() []byte
+	// Status is what .weightfs/status.json at the mount's root shows, as
+	// indented JSON rendered at every open (nil: {}).
+	Status StatusSource
 	// AllowUIDs and AllowGIDs may read GPU handles (user.weightfs.cuda and
 	// the ioctl); everyone else gets EACCES. Nil: the daemon's uid and root.
 	AllowUIDs, AllowGIDs []uint32
@@ -104,6 +105,8 @@ type mount struct {
 
 	allowUIDs, allowGIDs map[uint32]bool
 	started              time.Time // the root's and .weightfs's times
+	// manifest is (*store.File).CUDAManifest; tests without a GPU stand in.
+	manifest func(*store.File) ([]byte, bool)
 }
 
 func (m *mount) Mode() ReadMode { return ReadMode(m.mode.Load()) }
@@ -126,7 +129,7 @@ func (m *mount) countRead(n int) {
 // handles: a handle lets its opener read and write the slab.
 func (m *mount) handles(ctx context.Context, v *store.Version, f *store.File) ([]byte, syscall.Errno) {
 	m.counters.handleRequests.Add(1)
-	manifest, ok := f.CUDAManifest()
+	manifest, ok := m.manifest(f)
 	if !ok {
 		return nil, syscall.ENODATA
 	}
@@ -137,6 +140,24 @@ func (m *mount) handles(ctx context.Context, v *store.Version, f *store.File) ([
 	}
 	v.NoteHandleHolder(int(caller.Pid))
 	return manifest, 0
+}
+
+// newMount makes the state the nodes of one mount share, in Cached mode.
+func newMount(st *store.Store, opts Options, log *slog.Logger) *mount {
+	m := &mount{store: st, log: log, uid: uint32(os.Getuid()), gid: uint32(os.Getgid()),
+		allowUIDs: map[uint32]bool{}, allowGIDs: map[uint32]bool{}, started: time.Now(),
+		manifest: (*store.File).CUDAManifest}
+	if opts.AllowUIDs == nil && opts.AllowGIDs == nil {
+		m.allowUIDs[0], m.allowUIDs[m.uid] = true, true
+	}
+	for _, id := range opts.AllowUIDs {
+		m.allowUIDs[id] = true
+	}
+	for _, id := range opts.AllowGIDs {
+		m.allowGIDs[id] = true
+	}
+	m.mode.Store(int32(Cached))
+	return m
 }
 
 // Server is a mounted weightfs.
@@ -161,18 +182,7 @@ func Mount(mountpoint string, st *store.Store, opts Options) (*Server, error) {
 	if err := prepareMountpoint(abs, log); err != nil {
 		return nil, err
 	}
-	m := &mount{store: st, log: log, uid: uint32(os.Getuid()), gid: uint32(os.Getgid()),
-		allowUIDs: map[uint32]bool{}, allowGIDs: map[uint32]bool{}, started: time.Now()}
-	if opts.AllowUIDs == nil && opts.AllowGIDs == nil {
-		m.allowUIDs[0], m.allowUIDs[m.uid] = true, true
-	}
-	for _, id := range opts.AllowUIDs {
-		m.allowUIDs[id] = true
-	}
-	for _, id := range opts.AllowGIDs {
-		m.allowGIDs[id] = true
-	}
-	m.mode.Store(int32(Cached))
+	m := newMount(st, opts, log)
 	long := 24 * time.Hour
 	zero := time.Duration(0)
 	gopts := &gofs.Options{
@@ -259,8 +269,10 @@ func prepareMountpoint(mountpoint string, log *slog.Logger) error {
 		return err
 	}
 	if mounted {
-		var st unix.Stat_t
-		statErr := unix.Stat(mountpoint, &st)
+		// statfs always reaches the daemon; stat may be answered from the
+		// kernel's attribute cache and miss a daemon that died just now.
+		var st unix.Statfs_t
+		statErr := unix.Statfs(mountpoint, &st)
 		stale := errors.Is(statErr, unix.ENOTCONN) || errors.Is(statErr, unix.ECONNABORTED)
 		switch {
 		case stale:

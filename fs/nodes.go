@@ -29,7 +29,7 @@ const (
 type rootDir struct {
 	gofs.Inode
 	m      *mount
-	status func() []byte // nil: no .weightfs directory
+	status StatusSource // nil: .weightfs/status.json shows {}
 }
 
 var (
@@ -56,8 +56,8 @@ func splitVersion(entry string) (name string, number int, ok bool) {
 
 func (r *rootDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	r.m.count(opLookup)
-	if name == statusDirName && r.status != nil {
-		d := &statusDir{m: r.m, render: r.status}
+	if name == statusDirName {
+		d := &statusDir{m: r.m, source: r.status}
 		d.fill(&out.Attr)
 		return r.NewInode(ctx, d, gofs.StableAttr{Mode: syscall.S_IFDIR, Ino: statusDirIno}), 0
 	}
@@ -83,10 +83,7 @@ func (r *rootDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (
 
 func (r *rootDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
 	r.m.count(opReaddir)
-	var entries []fuse.DirEntry
-	if r.status != nil {
-		entries = append(entries, fuse.DirEntry{Name: statusDirName, Ino: statusDirIno, Mode: syscall.S_IFDIR})
-	}
+	entries := []fuse.DirEntry{{Name: statusDirName, Ino: statusDirIno, Mode: syscall.S_IFDIR}}
 	for _, m := range r.m.store.Models() {
 		if m.Current() == nil {
 			continue
@@ -111,16 +108,22 @@ func (r *rootDir) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.Attr
 	return 0
 }
 
-// Statfs reports the store: every block is a resident byte, none is free.
-func (r *rootDir) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
-	r.m.count(opStatfs)
-	st := r.m.store.Stats()
+// statfs reports the store: every block is a resident byte, none is free.
+// The kernel asks the node of the path given, so every directory and file
+// answers it (go-fuse would answer zeros for a node without Statfs).
+func (m *mount) statfs(out *fuse.StatfsOut) syscall.Errno {
+	m.count(opStatfs)
+	st := m.store.Stats()
 	out.Bsize = 4096
 	out.Frsize = 4096
 	out.Blocks = uint64((st.Bytes + 4095) / 4096)
 	out.Files = uint64(st.Files)
 	out.NameLen = 255
 	return 0
+}
+
+func (r *rootDir) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	return r.m.statfs(out)
 }
 
 func (r *rootDir) Getxattr(ctx context.Context, attr string, dest []byte) (uint32, syscall.Errno) {
@@ -195,6 +198,7 @@ var (
 	_ gofs.NodeLookuper    = (*dirNode)(nil)
 	_ gofs.NodeReaddirer   = (*dirNode)(nil)
 	_ gofs.NodeGetattrer   = (*dirNode)(nil)
+	_ gofs.NodeStatfser    = (*dirNode)(nil)
 	_ gofs.NodeGetxattrer  = (*dirNode)(nil)
 	_ gofs.NodeListxattrer = (*dirNode)(nil)
 )
@@ -242,6 +246,10 @@ func (d *dirNode) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.Attr
 	d.m.count(opGetattr)
 	d.fill(&out.Attr)
 	return 0
+}
+
+func (d *dirNode) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	return d.m.statfs(out)
 }
 
 func (d *dirNode) attrs() []xattr {

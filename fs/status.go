@@ -2,6 +2,8 @@ package fs
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"syscall"
 	"time"
 
@@ -18,16 +20,48 @@ const (
 	statusFileIno  = 3
 )
 
+// StatusSource says what .weightfs/status.json shows; fs renders it as indented JSON.
+type StatusSource interface{ Status() any }
+
+// renderStatus renders src as indented JSON with a final newline: {} for no
+// source (or a nil status), {"error": "..."} when the value cannot be
+// marshalled or Status panics. It calls Status once and does nothing else.
+func renderStatus(src StatusSource) (out []byte) {
+	if src == nil {
+		return []byte("{}\n")
+	}
+	defer func() {
+		if p := recover(); p != nil {
+			out = renderError(fmt.Errorf("status: %v", p))
+		}
+	}()
+	v := src.Status()
+	if v == nil {
+		return []byte("{}\n")
+	}
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return renderError(err)
+	}
+	return append(b, '\n')
+}
+
+func renderError(err error) []byte {
+	b, _ := json.MarshalIndent(map[string]string{"error": err.Error()}, "", "  ")
+	return append(b, '\n')
+}
+
 type statusDir struct {
 	gofs.Inode
 	m      *mount
-	render func() []byte
+	source StatusSource
 }
 
 var (
 	_ gofs.NodeLookuper  = (*statusDir)(nil)
 	_ gofs.NodeReaddirer = (*statusDir)(nil)
 	_ gofs.NodeGetattrer = (*statusDir)(nil)
+	_ gofs.NodeStatfser  = (*statusDir)(nil)
 )
 
 func (d *statusDir) fill(a *fuse.Attr) {
@@ -44,13 +78,17 @@ func (d *statusDir) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.At
 	return 0
 }
 
+func (d *statusDir) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	return d.m.statfs(out)
+}
+
 func (d *statusDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	d.m.count(opLookup)
 	if name != statusFileName {
 		return nil, syscall.ENOENT
 	}
-	f := &statusFile{m: d.m, render: d.render}
-	f.fill(&out.Attr, len(d.render()))
+	f := &statusFile{m: d.m, source: d.source}
+	f.fill(&out.Attr, len(renderStatus(d.source)))
 	out.SetAttrTimeout(time.Nanosecond)
 	return d.NewInode(ctx, f, gofs.StableAttr{Mode: syscall.S_IFREG, Ino: statusFileIno}), 0
 }
@@ -64,12 +102,13 @@ func (d *statusDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno)
 type statusFile struct {
 	gofs.Inode
 	m      *mount
-	render func() []byte
+	source StatusSource
 }
 
 var (
 	_ gofs.NodeOpener    = (*statusFile)(nil)
 	_ gofs.NodeGetattrer = (*statusFile)(nil)
+	_ gofs.NodeStatfser  = (*statusFile)(nil)
 )
 
 func (f *statusFile) fill(a *fuse.Attr, size int) {
@@ -87,10 +126,14 @@ func (f *statusFile) Getattr(ctx context.Context, fh gofs.FileHandle, out *fuse.
 	if s, ok := fh.(*snapshot); ok {
 		f.fill(&out.Attr, len(s.data))
 	} else {
-		f.fill(&out.Attr, len(f.render()))
+		f.fill(&out.Attr, len(renderStatus(f.source)))
 	}
 	out.SetTimeout(time.Nanosecond)
 	return 0
+}
+
+func (f *statusFile) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Errno {
+	return f.m.statfs(out)
 }
 
 func (f *statusFile) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uint32, syscall.Errno) {
@@ -99,7 +142,7 @@ func (f *statusFile) Open(ctx context.Context, flags uint32) (gofs.FileHandle, u
 		return nil, 0, syscall.EROFS
 	}
 	// Direct I/O: the size changes from one snapshot to the next.
-	return &snapshot{data: f.render()}, fuse.FOPEN_DIRECT_IO, 0
+	return &snapshot{data: renderStatus(f.source)}, fuse.FOPEN_DIRECT_IO, 0
 }
 
 type snapshot struct{ data []byte }

@@ -226,8 +226,8 @@ func TestTreeAndVersions(t *testing.T) {
 	m.load(t, "qwen", src)
 
 	names := readDirNames(t, m.dir)
-	if strings.Join(names, " ") != "qwen qwen@1" {
-		t.Fatalf("root lists %v, want [qwen qwen@1]", names)
+	if strings.Join(names, " ") != ".weightfs qwen qwen@1" {
+		t.Fatalf("root lists %v, want [.weightfs qwen qwen@1]", names)
 	}
 	if target, err := os.Readlink(filepath.Join(m.dir, "qwen")); err != nil || target != "qwen@1" {
 		t.Fatalf("qwen -> %q, %v; want qwen@1", target, err)

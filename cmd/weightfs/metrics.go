@@ -14,16 +14,16 @@ import (
 func newRegistry(d *daemon) *prometheus.Registry {
 	r := prometheus.NewRegistry()
 	r.MustRegister(d.control.Collectors()...)
-	r.MustRegister(newStateCollector(d),
+	r.MustRegister(newStateCollector(d), d.srv.Collector(),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return r
 }
 
-// stateCollector reads the store and the mount when scraped.
+// stateCollector reads the store when scraped; the mount's figures come
+// from its own collector.
 type stateCollector struct {
-	d                                               *daemon
-	resident, budget, versions, openFiles, requests *prometheus.Desc
-	daemonReads, handleRequests, handleDenials      *prometheus.Desc
+	d                                     *daemon
+	resident, budget, versions, openFiles *prometheus.Desc
 }
 
 func newStateCollector(d *daemon) *stateCollector {
@@ -37,20 +37,11 @@ func newStateCollector(d *daemon) *stateCollector {
 			"Model versions, by state (ready, draining).", []string{"state"}, nil),
 		openFiles: prometheus.NewDesc("weightfs_open_files",
 			"Files open on the mount.", nil, nil),
-		requests: prometheus.NewDesc("weightfs_fuse_requests_total",
-			"FUSE requests that reached the daemon, by type.", []string{"type"}, nil),
-		daemonReads: prometheus.NewDesc("weightfs_daemon_reads_total",
-			"READ requests that reached the daemon (0 under passthrough).", nil, nil),
-		handleRequests: prometheus.NewDesc("weightfs_handle_requests_total",
-			"Requests for CUDA handles (xattr and ioctl).", nil, nil),
-		handleDenials: prometheus.NewDesc("weightfs_handle_denials_total",
-			"Requests for CUDA handles refused for lack of permission.", nil, nil),
 	}
 }
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.resident, c.budget, c.versions, c.openFiles,
-		c.requests, c.daemonReads, c.handleRequests, c.handleDenials} {
+	for _, d := range []*prometheus.Desc{c.resident, c.budget, c.versions, c.openFiles} {
 		ch <- d
 	}
 }
@@ -79,13 +70,6 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.versions, prometheus.GaugeValue, float64(ready), store.StateReady)
 	ch <- prometheus.MustNewConstMetric(c.versions, prometheus.GaugeValue, float64(len(draining)), store.StateDraining)
 	ch <- prometheus.MustNewConstMetric(c.openFiles, prometheus.GaugeValue, float64(open))
-	cnt := c.d.srv.Counters()
-	for op, n := range cnt.Requests {
-		ch <- prometheus.MustNewConstMetric(c.requests, prometheus.CounterValue, float64(n), op)
-	}
-	ch <- prometheus.MustNewConstMetric(c.daemonReads, prometheus.CounterValue, float64(cnt.DaemonReads))
-	ch <- prometheus.MustNewConstMetric(c.handleRequests, prometheus.CounterValue, float64(cnt.HandleRequests))
-	ch <- prometheus.MustNewConstMetric(c.handleDenials, prometheus.CounterValue, float64(cnt.HandleDenials))
 }
 
 // daemon is what the metrics read: the store and the mount.

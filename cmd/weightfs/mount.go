@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -228,7 +227,7 @@ func runMount(args []string, stdout, stderr io.Writer) error {
 	srv, err := wfs.Mount(f.mountpoint, st, wfs.Options{
 		ForceCached: f.cached, AllowOther: f.allowOther, Logger: log, Debug: f.debug,
 		AllowUIDs: allowUIDs, AllowGIDs: allowGIDs,
-		Status: func() []byte { return renderStatus(ctl.Status()) },
+		Status: statusSource{ctl},
 	})
 	if err != nil {
 		return err
@@ -395,14 +394,10 @@ func nvmlProcessBytes(gpus *store.GPUs, log *slog.Logger) func(uuid string) uint
 	}
 }
 
-// renderStatus is .weightfs/status.json.
-func renderStatus(st control.Status) []byte {
-	b, err := json.MarshalIndent(st, "", "  ")
-	if err != nil {
-		return []byte(fmt.Sprintf("{\"error\": %q}\n", err))
-	}
-	return append(b, '\n')
-}
+// statusSource shows the control server's status in .weightfs/status.json.
+type statusSource struct{ ctl *control.Server }
+
+func (s statusSource) Status() any { return s.ctl.Status() }
 
 // mountStatus is the file system's side of the status.
 func mountStatus(srv *wfs.Server) control.MountStatus {
