@@ -300,6 +300,8 @@ func confCases() []confCase {
 		u8("a\u00e9\U0001F600\"", 0, 1), u8("", 1, 2))
 	accept("deepest-nesting", "an unknown field nested 127 levels deep in all", srcAccept,
 		`{"a":{"x":`+strings.Repeat("[", 125)+strings.Repeat("]", 125)+`,"dtype":"U8","shape":[2],"data_offsets":[0,2]}}`, nil, u8("a", 0, 2))
+	accept("numbers-in-range", "large, tiny and negative numbers in an unknown field, all within float64", srcUnknown,
+		`{"a":{"v":[123456789012345678901234567890,1e-400,-1.5e308,1.7976931348623157e308,-0.0],"dtype":"U8","shape":[2],"data_offsets":[0,2]}}`, nil, u8("a", 0, 2))
 	std("huge-dim-times-zero", "shape [0, 2^63-1]: zero elements", nil, T("a", F64, dims(0, 1<<63-1), 0, 0))
 	withRef("big-product-times-zero", "shape [2^32, 2^31, 0]: the product 2^63 fits 64 unsigned bits before the 0", srcZeroProduct,
 		T("a", U8, dims(1<<32, 1<<31, 0), 0, 0), T("b", U8, dims(1), 0, 1))
@@ -325,6 +327,8 @@ func confCases() []confCase {
 	refuse("trailing-comma", InvalidJSON, "a comma before }", srcJSON, `{`+a2+`,}`, 2)
 	refuse("unterminated", InvalidJSON, "the object is cut short", srcJSON, `{"a":`, 0)
 	refuse("nan", InvalidJSON, "NaN in an unknown field", srcJSON, entry(`"v":NaN,"dtype":"U8","shape":[0],"data_offsets":[0,0]`), 0)
+	refuse("number-out-of-range", InvalidJSON, "1e400 in an unknown field: beyond float64", srcJSON, entry(`"v":1e400,"dtype":"U8","shape":[0],"data_offsets":[0,0]`), 0)
+	refuse("integer-out-of-range", InvalidJSON, "an integer of 400 digits in an unknown field: beyond float64", srcJSON, entry(`"v":1`+strings.Repeat("0", 400)+`,"dtype":"U8","shape":[0],"data_offsets":[0,0]`), 0)
 	refuse("lone-surrogate", InvalidJSON, `a lone leading surrogate \ud800 in a name`, srcJSON, `{"\ud800":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}}`, 0)
 	refuse("lone-trailing-surrogate", InvalidJSON, `a lone trailing surrogate \udc00 in a metadata value`, srcJSON, `{"__metadata__":{"k":"\udc00x"}}`, 0)
 	refuse("lone-surrogate-unknown-field", InvalidJSON, `a lone surrogate in the value of an unknown field`, srcJSON, entry(`"v":"\ud800","dtype":"U8","shape":[0],"data_offsets":[0,0]`), 0)

@@ -386,8 +386,9 @@ func checkLayout(tensors []TensorInfo, dataSize int64) error {
 
 // checkStrictJSON checks what encoding/json lets through but the reference
 // parser (serde_json) rejects: lone UTF-16 surrogates in \u escapes (Go
-// silently turns them into U+FFFD) and nesting deeper than its recursion
-// limit. buf must be valid JSON.
+// silently turns them into U+FFFD), nesting deeper than its recursion limit,
+// and numbers beyond the range of float64 (serde_json reads a number that is
+// not a 64-bit integer as an f64 and refuses infinity). buf must be valid JSON.
 func checkStrictJSON(buf []byte) error {
 	depth := 0
 	inString := false
@@ -395,6 +396,15 @@ func checkStrictJSON(buf []byte) error {
 		c := buf[i]
 		if !inString {
 			switch c {
+			case '-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9':
+				j := i
+				for j < len(buf) && strings.IndexByte("+-.0123456789eE", buf[j]) >= 0 {
+					j++
+				}
+				if f, err := strconv.ParseFloat(string(buf[i:j]), 64); err != nil && math.IsInf(f, 0) {
+					return formatErr(InvalidJSON, "header is not valid JSON: number %.40s is out of range (at byte %d)", buf[i:j], i)
+				}
+				i = j - 1
 			case '"':
 				inString = true
 			case '{', '[':
