@@ -7,18 +7,23 @@ import (
 	"github.com/weightfs/weightfs/store/safetensors"
 )
 
-// SlabAlign is the layout rule's alignment: each tensor starts on the slab at
-// the previous one's end rounded up to SlabAlign.
+// SlabAlign is the slab layout rule's alignment, the one definition of it in
+// Go: each tensor starts on the slab at the previous one's end rounded up to
+// SlabAlign. The manifest's "align" says it to loaders.
 const SlabAlign = 256
 
 func alignUp(n, a int64) int64 { return (n + a - 1) / a * a }
 
-// SlabLayout places a weights file's tensors on its GPU slab by the rule of
-// the zero-copy protocol: tensors in ascending order of data_offsets (the
-// header's order), the first at 0, each next one at the previous one's end
-// rounded up to SlabAlign. It returns every tensor's slab offset, in header
-// order, and the slab's size (at least SlabAlign). A loader derives the same
-// offsets from the file's own header: the header is the manifest.
+// SlabLayout places a weights file's tensors on its GPU slab by the slab
+// layout rule, stated once in docs/PROTOCOL.md §2 ("The slab layout rule"):
+// tensors in ascending order of (data_offsets begin, end, name as bytes),
+// which is the order of h.Tensors; the first at 0, each next one at the
+// previous one's end rounded up to SlabAlign. It returns every tensor's slab
+// offset, in h.Tensors order, and the layout's size: the last end rounded up
+// to SlabAlign, at least SlabAlign (the allocation, slab_bytes, rounds that
+// up further). A loader derives the same offsets from the file's own header:
+// the header is the manifest. The conformance corpus
+// (safetensors/testdata/conformance) pins the offsets and sizes.
 func SlabLayout(h *safetensors.Header) (offsets []int64, size int64) {
 	var end int64
 	for i, t := range h.Tensors {

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/base64"
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"reflect"
 	"testing"
 
@@ -78,12 +80,69 @@ func TestCUDAManifest(t *testing.T) {
 		t.Fatal(err)
 	}
 	handle, _ := base64.StdEncoding.DecodeString(m.Replicas[0].Handle)
-	if m.Schema != 1 || m.FileSize != 144 || m.DataOffset != 128 || m.Align != 256 ||
+	if m.Schema != 1 || m.FileSize != 144 || m.DataOffset != 128 || m.Align != SlabAlign ||
 		m.Replicas[0].GPU != "GPU-00000000-1111-2222-3333-444444444444" || m.Replicas[0].SlabBytes != 256 ||
 		!bytes.Equal(handle, h[:]) {
 		t.Errorf("manifest %s", raw)
 	}
 	if got := f.Residency(); !reflect.DeepEqual(got, []string{"host", "GPU-00000000-1111-2222-3333-444444444444"}) {
 		t.Errorf("residency %v", got)
+	}
+}
+
+// TestSlabLayoutConformance runs SlabLayout over every accepted file of the
+// conformance corpus (see store/safetensors/conformance_test.go).
+func TestSlabLayoutConformance(t *testing.T) {
+	dir := filepath.Join("safetensors", "testdata", "conformance")
+	raw, err := os.ReadFile(filepath.Join(dir, "cases.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var corpus struct {
+		Align int64 `json:"align"`
+		Cases []struct {
+			File     string `json:"file"`
+			Verdict  string `json:"verdict"`
+			SlabSize int64  `json:"slab_size"`
+			Tensors  []struct {
+				Name       string `json:"name"`
+				SlabOffset int64  `json:"slab_offset"`
+			} `json:"tensors"`
+		} `json:"cases"`
+	}
+	if err := json.Unmarshal(raw, &corpus); err != nil {
+		t.Fatal(err)
+	}
+	if corpus.Align != SlabAlign {
+		t.Fatalf("corpus align %d, SlabAlign %d", corpus.Align, SlabAlign)
+	}
+	n := 0
+	for _, c := range corpus.Cases {
+		if c.Verdict != "accept" {
+			continue
+		}
+		n++
+		b, err := os.ReadFile(filepath.Join(dir, c.File))
+		if err != nil {
+			t.Fatal(err)
+		}
+		h, err := safetensors.Parse(b)
+		if err != nil {
+			t.Errorf("%s: %v", c.File, err)
+			continue
+		}
+		offsets, size := SlabLayout(h)
+		if len(offsets) != len(c.Tensors) || size != c.SlabSize {
+			t.Errorf("%s: %d tensors, slab size %d; want %d, %d", c.File, len(offsets), size, len(c.Tensors), c.SlabSize)
+			continue
+		}
+		for i, want := range c.Tensors {
+			if h.Tensors[i].Name != want.Name || offsets[i] != want.SlabOffset {
+				t.Errorf("%s: slab position %d: %q at %d, want %q at %d", c.File, i, h.Tensors[i].Name, offsets[i], want.Name, want.SlabOffset)
+			}
+		}
+	}
+	if n < 25 {
+		t.Errorf("only %d accepted cases", n)
 	}
 }

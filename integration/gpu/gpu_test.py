@@ -8,7 +8,12 @@ weightfs binary given by --bin, then checks:
   (c) safetensors.safe_open reads every mounted file and every tensor equals the source;
   (d) a second process maps the same handles at the same time;
   (e) a uid that is not allowed gets EACCES (xattr and ioctl);
-  (f) a file whose tensors are not naturally aligned in the source loads correctly.
+  (f) a file whose tensors are not naturally aligned in the source loads correctly;
+  (g) weightfs status; (h) unload while mapped;
+  (conformance) before mounting: every file of the conformance corpus
+  (store/safetensors/testdata/conformance) gets the verdict cases.json records from the
+  reference parser itself (safetensors.safe_open): accepted files open with the expected
+  tensors and metadata, refused ones raise.
 Prints one line per check and "N passed, N failed" last; exits non-zero on any failure.
 """
 import argparse
@@ -125,6 +130,54 @@ print(" ".join(res))
 """
 
 
+CORPUS = os.path.join(HERE, "..", "..", "store", "safetensors", "testdata", "conformance")
+
+
+def check_conformance():
+    """Confirm the corpus verdicts (which both weightfs parsers reach, see
+    integration/python/tests/test_conformance.py) against the reference parser. No mount."""
+    import safetensors
+    from safetensors import safe_open
+
+    with open(os.path.join(CORPUS, "cases.json"), encoding="utf-8") as f:
+        corpus = json.load(f)
+    bad = []
+    accepted = refused = 0
+    for case in corpus["cases"]:
+        path = os.path.join(CORPUS, case["file"])
+        try:
+            with safe_open(path, framework="pt") as st:
+                got = {k: (st.get_slice(k).get_dtype(), list(st.get_slice(k).get_shape()))
+                       for k in st.keys()}
+                metadata = st.metadata()
+                by_offset = st.offset_keys()
+        except Exception as e:  # noqa: BLE001 - any refusal counts
+            if case["verdict"] == "accept":
+                bad.append(f"{case['file']}: refused ({type(e).__name__}: {e}), want accepted")
+            else:
+                refused += 1
+            continue
+        if case["verdict"] == "refuse":
+            bad.append(f"{case['file']}: accepted, want refused as {case['class']}")
+            continue
+        want = {t["name"]: (t["dtype"], t["shape"]) for t in case["tensors"]}
+        offsets = {t["name"]: tuple(t["data_offsets"]) for t in case["tensors"]}
+        if got != want:
+            bad.append(f"{case['file']}: tensors {got}, want {want}")
+        elif metadata != case["metadata"]:
+            bad.append(f"{case['file']}: metadata {metadata}, want {case['metadata']}")
+        elif [offsets[k] for k in by_offset] != sorted(offsets.values()):
+            bad.append(f"{case['file']}: reference offset order {by_offset} disagrees with "
+                       f"data_offsets {offsets}")
+        else:
+            accepted += 1
+    if bad:
+        raise AssertionError(f"{len(bad)} of {len(corpus['cases'])} cases differ from the "
+                             "reference:\n  " + "\n  ".join(bad))
+    return (f"safetensors {safetensors.__version__}: {accepted} accepted, {refused} refused, "
+            "as cases.json says")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True, help="the weightfs binary")
@@ -146,6 +199,7 @@ def main():
 
     log(f"weightfs gpu-test {datetime.datetime.now().isoformat(timespec='seconds')} "
         f"torch {torch.__version__} {torch.cuda.get_device_name(0)}")
+    check("(conformance) the corpus verdicts are the reference parser's", check_conformance)
     work = tempfile.mkdtemp(prefix="weightfs-gpu-test-")
     os.chmod(work, 0o755)  # (e) runs as uid 65534: the refusal must come from weightfs, not from here
     src, odd, mnt = (os.path.join(work, d) for d in ("src", "odd", "mnt"))

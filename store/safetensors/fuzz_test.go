@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
+	"path/filepath"
 	"slices"
 	"testing"
 )
@@ -45,6 +47,15 @@ func fuzzSeeds() [][]byte {
 		file(`{"\ud800":{}}`, 0),
 		file(`{"x":{"dtype":"F12","shape":[1],"data_offsets":[0,1]}}`, 1),
 		{1, 2, 3},
+	}
+	// Every file of the conformance corpus.
+	corpus, _ := filepath.Glob(filepath.Join(conformanceDir, "*.safetensors"))
+	for _, p := range corpus {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			panic(err)
+		}
+		seeds = append(seeds, b)
 	}
 	return seeds
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"math/bits"
 	"slices"
 	"strconv"
 	"strings"
@@ -24,15 +25,83 @@ const maxDepth = 127
 // metadataKey is the header key of the optional string-to-string map.
 const metadataKey = "__metadata__"
 
-// FormatError reports a file that is not valid safetensors.
+// Class is the reason a file is refused, one of a small fixed set shared
+// with the Python package (integration/python, HeaderError.cls) and the
+// conformance corpus (testdata/conformance/cases.json, which documents each
+// class). A Class is an error, so errors.Is(err, safetensors.BadDType)
+// matches any *FormatError of that class.
+type Class string
+
+// The classes of refusal. Each file of the conformance corpus that is
+// refused is refused with exactly one of them.
+const (
+	// Truncated: the file ends before the 8-byte length, before the end of
+	// the header it announces, or before the end of the last tensor.
+	Truncated Class = "truncated"
+	// HeaderTooLarge: the header length is above MaxHeaderSize.
+	HeaderTooLarge Class = "header_too_large"
+	// InvalidUTF8: the header is not valid UTF-8.
+	InvalidUTF8 Class = "invalid_utf8"
+	// InvalidJSON: the header is not one JSON object (empty, syntax error,
+	// another value, lone UTF-16 surrogate, nesting deeper than 127).
+	InvalidJSON Class = "invalid_json"
+	// DuplicateField: "__metadata__" twice, or "dtype", "shape" or
+	// "data_offsets" twice in one tensor entry.
+	DuplicateField Class = "duplicate_field"
+	// BadMetadata: "__metadata__" is neither null nor an object of strings.
+	BadMetadata Class = "bad_metadata"
+	// BadEntry: a tensor's entry is not a JSON object.
+	BadEntry Class = "bad_entry"
+	// BadDType: "dtype" is missing, not a string, or not a known dtype.
+	BadDType Class = "bad_dtype"
+	// BadShape: "shape" is missing, not an array of non-negative integers,
+	// or its element or bit count overflows.
+	BadShape Class = "bad_shape"
+	// BadOffsets: "data_offsets" is missing, not two non-negative integers,
+	// begins after it ends, or the tensors leave a gap or overlap.
+	BadOffsets Class = "bad_offsets"
+	// SizeMismatch: a tensor's data_offsets do not span its shape's byte
+	// size, or that size is not a whole number of bytes.
+	SizeMismatch Class = "size_mismatch"
+	// TrailingData: the data section goes on past the end of the last tensor.
+	TrailingData Class = "trailing_data"
+)
+
+// Classes lists every Class.
+var Classes = []Class{
+	Truncated, HeaderTooLarge, InvalidUTF8, InvalidJSON, DuplicateField, BadMetadata,
+	BadEntry, BadDType, BadShape, BadOffsets, SizeMismatch, TrailingData,
+}
+
+func (c Class) Error() string { return "invalid safetensors: " + string(c) }
+
+// FormatError reports a file that is not valid safetensors: the class of the
+// problem and a description of it.
 type FormatError struct {
+	Class   Class
 	Problem string
 }
 
 func (e *FormatError) Error() string { return "invalid safetensors: " + e.Problem }
 
-func formatErr(format string, args ...any) error {
-	return &FormatError{Problem: fmt.Sprintf(format, args...)}
+// Is reports whether target is e's Class.
+func (e *FormatError) Is(target error) bool {
+	c, ok := target.(Class)
+	return ok && c == e.Class
+}
+
+// ClassOf returns the Class of err's *FormatError, or "" when err is nil or
+// not a format error (an I/O error, for example).
+func ClassOf(err error) Class {
+	var fe *FormatError
+	if errors.As(err, &fe) {
+		return fe.Class
+	}
+	return ""
+}
+
+func formatErr(c Class, format string, args ...any) error {
+	return &FormatError{Class: c, Problem: fmt.Sprintf(format, args...)}
 }
 
 // TensorInfo describes one tensor of a header.
@@ -49,50 +118,54 @@ type TensorInfo struct {
 func (t TensorInfo) Size() int64 { return t.End - t.Begin }
 
 // Elements returns the number of elements: the product of the shape, 1 for
-// a 0-rank tensor. It returns -1 when the product overflows int64 or a
-// dimension is negative.
+// a 0-rank tensor. It returns -1 when the product, taken left to right in 64
+// unsigned bits as the reference does, overflows, or when it does not fit
+// int64 or a dimension is negative.
 func (t TensorInfo) Elements() int64 {
 	n, ok := elements(t.Shape)
-	if !ok {
+	if !ok || n > math.MaxInt64 {
 		return -1
 	}
-	return n
+	return int64(n)
 }
 
-// elements multiplies the shape out, left to right as the reference does,
-// reporting false on overflow or a negative dimension.
-func elements(shape []int64) (int64, bool) {
-	n := int64(1)
+// elements multiplies the shape out, left to right in 64 unsigned bits as
+// the reference (usize::checked_mul) does, reporting false on overflow or a
+// negative dimension: [2^32, 2^31, 0] has 0 elements, [2^32, 2^32, 0] overflows.
+func elements(shape []int64) (uint64, bool) {
+	n := uint64(1)
 	for _, d := range shape {
-		if d < 0 {
+		hi, lo := bits.Mul64(n, uint64(d))
+		if d < 0 || hi != 0 {
 			return 0, false
 		}
-		if d != 0 && n > math.MaxInt64/d {
-			return 0, false
-		}
-		n *= d
+		n = lo
 	}
 	return n, true
 }
 
-// byteSize returns elements*bits/8 and a problem description when the
-// tensor's byte size cannot be computed or is not a whole number of bytes.
-func byteSize(dt DType, shape []int64) (int64, string) {
-	bits := int64(dt.Bits())
-	if bits == 0 {
-		return 0, fmt.Sprintf("unknown dtype %q", string(dt))
+// byteSize returns elements*bits/8, or the class and a description of the
+// problem when the tensor's byte size cannot be computed or is not a whole
+// number of bytes. Like the reference (usize::checked_mul, left to right) it
+// multiplies in 64 unsigned bits and refuses only a product that overflows
+// them, so [2^32, 2^31, 0] has 0 elements.
+func byteSize(dt DType, shape []int64) (int64, Class, string) {
+	width := uint64(dt.Bits())
+	if width == 0 {
+		return 0, BadDType, fmt.Sprintf("unknown dtype %q", string(dt))
 	}
 	n, ok := elements(shape)
 	if !ok {
-		return 0, fmt.Sprintf("element count of shape %s overflows", fmtShape(shape))
+		return 0, BadShape, fmt.Sprintf("element count of shape %s overflows", fmtShape(shape))
 	}
-	if n > math.MaxInt64/bits {
-		return 0, fmt.Sprintf("bit size of shape %s of %s overflows", fmtShape(shape), dt)
+	hi, nbits := bits.Mul64(n, width)
+	if hi != 0 {
+		return 0, BadShape, fmt.Sprintf("bit size of shape %s of %s overflows", fmtShape(shape), dt)
 	}
-	if n*bits%8 != 0 {
-		return 0, fmt.Sprintf("%d elements of %s are %d bits, not a whole number of bytes", n, dt, n*bits)
+	if nbits%8 != 0 {
+		return 0, SizeMismatch, fmt.Sprintf("%d elements of %s are %d bits, not a whole number of bytes", n, dt, nbits)
 	}
-	return n * bits / 8, ""
+	return int64(nbits / 8), "", ""
 }
 
 func fmtShape(shape []int64) string {
@@ -166,16 +239,19 @@ func Parse(file []byte) (*Header, error) {
 // are wrapped.
 //
 // It accepts what the reference (the Rust safetensors crate, checked against
-// version 0.8) accepts, with one exception: a repeated key anywhere in the
-// header (a tensor name, "__metadata__", a metadata key, a field of a tensor
-// entry) is an error, where the reference silently keeps one of the values
-// (it rejects only a repeated "dtype", "shape" or "data_offsets").
-// Like the reference it accepts whitespace before and after the JSON object,
-// "__metadata__": null (as absent) and unknown fields in tensor entries, and
-// rejects lone UTF-16 surrogates in \u escapes and nesting deeper than 127.
+// version 0.8, safetensors/src/tensor.rs) accepts. Like the reference it
+// accepts whitespace before and after the JSON object, "__metadata__": null
+// (as absent), unknown fields in tensor entries (repeated or not), and a
+// repeated tensor name or metadata key (the last one counts); it refuses a
+// repeated "__metadata__", "dtype", "shape" or "data_offsets", lone UTF-16
+// surrogates in \u escapes and nesting deeper than 127. One known
+// difference: a shape dimension of 2^63 or more is refused (BadShape) even in
+// a tensor with another dimension 0, which the reference accepts.
+// The conformance corpus (testdata/conformance) pins every verdict and the
+// Class of every refusal.
 func ReadHeader(r io.ReaderAt, fileSize int64) (*Header, error) {
 	if fileSize < 8 {
-		return nil, formatErr("file is %d bytes, shorter than the 8-byte header length", fileSize)
+		return nil, formatErr(Truncated, "file is %d bytes, shorter than the 8-byte header length", fileSize)
 	}
 	var prefix [8]byte
 	if err := readFull(r, prefix[:], 0); err != nil {
@@ -183,10 +259,10 @@ func ReadHeader(r io.ReaderAt, fileSize int64) (*Header, error) {
 	}
 	n := binary.LittleEndian.Uint64(prefix[:])
 	if n > MaxHeaderSize {
-		return nil, formatErr("header length %d exceeds the maximum of %d bytes", n, MaxHeaderSize)
+		return nil, formatErr(HeaderTooLarge, "header length %d exceeds the maximum of %d bytes", n, MaxHeaderSize)
 	}
 	if int64(n) > fileSize-8 {
-		return nil, formatErr("header length %d exceeds file size %d", n, fileSize)
+		return nil, formatErr(Truncated, "header length %d exceeds file size %d", n, fileSize)
 	}
 	// Read in chunks, so that a reader shorter than fileSize claims fails
 	// before a large buffer is allocated.
@@ -218,23 +294,23 @@ func readFull(r io.ReaderAt, p []byte, off int64) error {
 // parseHeader validates the JSON header buf for a data section of dataSize bytes.
 func parseHeader(buf []byte, dataSize int64) (*Header, error) {
 	if len(buf) == 0 {
-		return nil, formatErr("header is empty")
+		return nil, formatErr(InvalidJSON, "header is empty")
 	}
 	if !utf8.Valid(buf) {
-		return nil, formatErr("header is not valid UTF-8")
+		return nil, formatErr(InvalidUTF8, "header is not valid UTF-8")
 	}
 	if !json.Valid(buf) {
 		err := json.Unmarshal(buf, new(json.RawMessage))
 		var se *json.SyntaxError
 		if errors.As(err, &se) {
-			return nil, formatErr("header is not valid JSON: %v (at byte %d)", se, se.Offset)
+			return nil, formatErr(InvalidJSON, "header is not valid JSON: %v (at byte %d)", se, se.Offset)
 		}
-		return nil, formatErr("header is not valid JSON: %v", err)
+		return nil, formatErr(InvalidJSON, "header is not valid JSON: %v", err)
 	}
 	// The reference (safetensors 0.8) lets JSON whitespace precede the
 	// object: it has no check that the header starts with '{'.
 	if first := bytes.TrimLeft(buf, " \t\r\n"); first[0] != '{' {
-		return nil, formatErr("header is not a JSON object")
+		return nil, formatErr(InvalidJSON, "header is not a JSON object")
 	}
 	if err := checkStrictJSON(buf); err != nil {
 		return nil, err
@@ -273,45 +349,46 @@ func cmpInt(a, b int64) int {
 	return 0
 }
 
-// checkLayout checks each tensor's size against its shape and that the
-// tensors, sorted by offsets, tile [0, dataSize) exactly.
+// checkLayout checks, in the reference's order, that the tensors sorted by
+// offsets tile [0, end) with each one's size matching its shape, and then
+// that end is the end of the file.
 func checkLayout(tensors []TensorInfo, dataSize int64) error {
 	var end int64
-	prev := ""
+	prev, last := "", TensorInfo{}
 	for i, t := range tensors {
 		switch {
 		case t.Begin < end:
-			return formatErr("tensor %q: data_offsets [%d,%d] overlap previous tensor %q ending at %d", t.Name, t.Begin, t.End, prev, end)
+			return formatErr(BadOffsets, "tensor %q: data_offsets [%d,%d] overlap previous tensor %q ending at %d", t.Name, t.Begin, t.End, prev, end)
 		case t.Begin > end && i == 0:
-			return formatErr("tensor %q: data_offsets [%d,%d] leave a gap of %d bytes at the start of the data section", t.Name, t.Begin, t.End, t.Begin)
+			return formatErr(BadOffsets, "tensor %q: data_offsets [%d,%d] leave a gap of %d bytes at the start of the data section", t.Name, t.Begin, t.End, t.Begin)
 		case t.Begin > end:
-			return formatErr("tensor %q: data_offsets [%d,%d] leave a gap of %d bytes after previous tensor %q ending at %d", t.Name, t.Begin, t.End, t.Begin-end, prev, end)
+			return formatErr(BadOffsets, "tensor %q: data_offsets [%d,%d] leave a gap of %d bytes after previous tensor %q ending at %d", t.Name, t.Begin, t.End, t.Begin-end, prev, end)
 		}
-		if t.End > dataSize {
-			return formatErr("tensor %q: data_offsets [%d,%d] extend past the end of the file (data section is %d bytes)", t.Name, t.Begin, t.End, dataSize)
-		}
-		size, problem := byteSize(t.DType, t.Shape)
+		size, class, problem := byteSize(t.DType, t.Shape)
 		if problem != "" {
-			return formatErr("tensor %q: %s", t.Name, problem)
+			return formatErr(class, "tensor %q: %s", t.Name, problem)
 		}
 		if size != t.End-t.Begin {
-			return formatErr("tensor %q: shape %s of %s needs %d bytes but data_offsets [%d,%d] span %d", t.Name, fmtShape(t.Shape), t.DType, size, t.Begin, t.End, t.End-t.Begin)
+			return formatErr(SizeMismatch, "tensor %q: shape %s of %s needs %d bytes but data_offsets [%d,%d] span %d", t.Name, fmtShape(t.Shape), t.DType, size, t.Begin, t.End, t.End-t.Begin)
 		}
-		end, prev = t.End, t.Name
+		end, prev, last = t.End, t.Name, t
 	}
-	if end != dataSize {
-		if len(tensors) == 0 {
-			return formatErr("header has no tensors but the data section is %d bytes", dataSize)
-		}
-		return formatErr("data section is %d bytes but the tensors end at %d: %d trailing bytes", dataSize, end, dataSize-end)
+	switch {
+	case end > dataSize:
+		return formatErr(Truncated, "tensor %q: data_offsets [%d,%d] extend past the end of the file (data section is %d bytes)", last.Name, last.Begin, last.End, dataSize)
+	case end < dataSize && len(tensors) == 0:
+		return formatErr(TrailingData, "header has no tensors but the data section is %d bytes", dataSize)
+	case end < dataSize:
+		return formatErr(TrailingData, "data section is %d bytes but the tensors end at %d: %d trailing bytes", dataSize, end, dataSize-end)
 	}
 	return nil
 }
 
 // checkStrictJSON checks what encoding/json lets through but the reference
 // parser (serde_json) rejects: lone UTF-16 surrogates in \u escapes (Go
-// silently turns them into U+FFFD) and nesting deeper than its recursion
-// limit. buf must be valid JSON.
+// silently turns them into U+FFFD), nesting deeper than its recursion limit,
+// and numbers beyond the range of float64 (serde_json reads a number that is
+// not a 64-bit integer as an f64 and refuses infinity). buf must be valid JSON.
 func checkStrictJSON(buf []byte) error {
 	depth := 0
 	inString := false
@@ -319,12 +396,21 @@ func checkStrictJSON(buf []byte) error {
 		c := buf[i]
 		if !inString {
 			switch c {
+			case '-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9':
+				j := i
+				for j < len(buf) && strings.IndexByte("+-.0123456789eE", buf[j]) >= 0 {
+					j++
+				}
+				if f, err := strconv.ParseFloat(string(buf[i:j]), 64); err != nil && math.IsInf(f, 0) {
+					return formatErr(InvalidJSON, "header is not valid JSON: number %.40s is out of range (at byte %d)", buf[i:j], i)
+				}
+				i = j - 1
 			case '"':
 				inString = true
 			case '{', '[':
 				depth++
 				if depth > maxDepth {
-					return formatErr("header JSON nests deeper than %d levels", maxDepth)
+					return formatErr(InvalidJSON, "header JSON nests deeper than %d levels", maxDepth)
 				}
 			case '}', ']':
 				depth--
@@ -346,7 +432,7 @@ func checkStrictJSON(buf []byte) error {
 			i += 4
 			switch {
 			case r >= 0xDC00 && r <= 0xDFFF:
-				return formatErr("header is not valid JSON: lone trailing surrogate \\u%04X in a string (at byte %d)", r, i-5)
+				return formatErr(InvalidJSON, "header is not valid JSON: lone trailing surrogate \\u%04X in a string (at byte %d)", r, i-5)
 			case r >= 0xD800 && r <= 0xDBFF:
 				if i+6 < len(buf) && buf[i+1] == '\\' && buf[i+2] == 'u' {
 					if lo, ok := hex4(buf, i+3); ok && lo >= 0xDC00 && lo <= 0xDFFF {
@@ -354,7 +440,7 @@ func checkStrictJSON(buf []byte) error {
 						continue
 					}
 				}
-				return formatErr("header is not valid JSON: lone leading surrogate \\u%04X in a string (at byte %d)", r, i-5)
+				return formatErr(InvalidJSON, "header is not valid JSON: lone leading surrogate \\u%04X in a string (at byte %d)", r, i-5)
 			}
 		}
 	}
@@ -382,14 +468,14 @@ func hex4(b []byte, at int) (rune, bool) {
 }
 
 // walkHeader fills h from the JSON object buf, which is known to be valid
-// JSON, detecting duplicate keys that encoding/json would silently merge.
+// JSON, seeing repeated keys that encoding/json would silently merge.
 func walkHeader(buf []byte, h *Header) error {
 	dec := json.NewDecoder(bytes.NewReader(buf))
 	dec.UseNumber()
 	if _, err := dec.Token(); err != nil { // '{'
-		return formatErr("header is not valid JSON: %v", err)
+		return formatErr(InvalidJSON, "header is not valid JSON: %v", err)
 	}
-	seen := make(map[string]struct{})
+	seen := make(map[string]int) // tensor name -> index in h.Tensors
 	haveMetadata := false
 	for dec.More() {
 		key, err := nextString(dec)
@@ -398,7 +484,7 @@ func walkHeader(buf []byte, h *Header) error {
 		}
 		if key == metadataKey {
 			if haveMetadata {
-				return formatErr("duplicate %q key", metadataKey)
+				return formatErr(DuplicateField, "duplicate %q key", metadataKey)
 			}
 			haveMetadata = true
 			if h.Metadata, err = readMetadata(dec); err != nil {
@@ -406,14 +492,17 @@ func walkHeader(buf []byte, h *Header) error {
 			}
 			continue
 		}
-		if _, dup := seen[key]; dup {
-			return formatErr("duplicate tensor name %q", key)
-		}
-		seen[key] = struct{}{}
 		t, err := readTensor(dec, key)
 		if err != nil {
 			return err
 		}
+		// Like the reference (a serde HashMap), a repeated tensor name
+		// keeps the last entry; every entry must be valid.
+		if i, dup := seen[key]; dup {
+			h.Tensors[i] = t
+			continue
+		}
+		seen[key] = len(h.Tensors)
 		h.Tensors = append(h.Tensors, t)
 	}
 	return nil
@@ -422,11 +511,11 @@ func walkHeader(buf []byte, h *Header) error {
 func nextString(dec *json.Decoder) (string, error) {
 	tok, err := dec.Token()
 	if err != nil {
-		return "", formatErr("header is not valid JSON: %v", err)
+		return "", formatErr(InvalidJSON, "header is not valid JSON: %v", err)
 	}
 	s, ok := tok.(string)
 	if !ok {
-		return "", formatErr("header is not valid JSON: expected a string, found %v", tok)
+		return "", formatErr(InvalidJSON, "header is not valid JSON: expected a string, found %v", tok)
 	}
 	return s, nil
 }
@@ -434,7 +523,7 @@ func nextString(dec *json.Decoder) (string, error) {
 func readMetadata(dec *json.Decoder) (map[string]string, error) {
 	tok, err := dec.Token()
 	if err != nil {
-		return nil, formatErr("header is not valid JSON: %v", err)
+		return nil, formatErr(InvalidJSON, "header is not valid JSON: %v", err)
 	}
 	if tok == nil {
 		// The reference reads "__metadata__" as an optional map: null is
@@ -442,7 +531,7 @@ func readMetadata(dec *json.Decoder) (map[string]string, error) {
 		return nil, nil
 	}
 	if tok != json.Delim('{') {
-		return nil, formatErr("%q is %s, not a JSON object", metadataKey, describe(tok))
+		return nil, formatErr(BadMetadata, "%q is %s, not a JSON object", metadataKey, describe(tok))
 	}
 	md := make(map[string]string)
 	for dec.More() {
@@ -450,21 +539,19 @@ func readMetadata(dec *json.Decoder) (map[string]string, error) {
 		if err != nil {
 			return nil, err
 		}
-		if _, dup := md[key]; dup {
-			return nil, formatErr("duplicate metadata key %q", key)
-		}
+		// A repeated key keeps the last value, as in the reference.
 		tok, err := dec.Token()
 		if err != nil {
-			return nil, formatErr("header is not valid JSON: %v", err)
+			return nil, formatErr(InvalidJSON, "header is not valid JSON: %v", err)
 		}
 		v, ok := tok.(string)
 		if !ok {
-			return nil, formatErr("metadata value for %q is not a string but %s", key, describe(tok))
+			return nil, formatErr(BadMetadata, "metadata value for %q is not a string but %s", key, describe(tok))
 		}
 		md[key] = v
 	}
 	if _, err := dec.Token(); err != nil { // '}'
-		return nil, formatErr("header is not valid JSON: %v", err)
+		return nil, formatErr(InvalidJSON, "header is not valid JSON: %v", err)
 	}
 	return md, nil
 }
@@ -493,10 +580,10 @@ func readTensor(dec *json.Decoder, name string) (TensorInfo, error) {
 	t := TensorInfo{Name: name}
 	tok, err := dec.Token()
 	if err != nil {
-		return t, formatErr("header is not valid JSON: %v", err)
+		return t, formatErr(InvalidJSON, "header is not valid JSON: %v", err)
 	}
 	if tok != json.Delim('{') {
-		return t, formatErr("tensor %q: entry is %s, not a JSON object", name, describe(tok))
+		return t, formatErr(BadEntry, "tensor %q: entry is %s, not a JSON object", name, describe(tok))
 	}
 	var haveDType, haveShape, haveOffsets bool
 	seen := make(map[string]struct{})
@@ -505,63 +592,68 @@ func readTensor(dec *json.Decoder, name string) (TensorInfo, error) {
 		if err != nil {
 			return t, err
 		}
-		if _, dup := seen[key]; dup {
-			return t, formatErr("tensor %q: duplicate field %q", name, key)
+		switch key {
+		case "dtype", "shape", "data_offsets":
+			// The reference refuses a repeated known field (serde's
+			// duplicate_field) and ignores repeated unknown ones.
+			if _, dup := seen[key]; dup {
+				return t, formatErr(DuplicateField, "tensor %q: duplicate field %q", name, key)
+			}
+			seen[key] = struct{}{}
 		}
-		seen[key] = struct{}{}
 		switch key {
 		case "dtype":
 			haveDType = true
 			tok, err := dec.Token()
 			if err != nil {
-				return t, formatErr("header is not valid JSON: %v", err)
+				return t, formatErr(InvalidJSON, "header is not valid JSON: %v", err)
 			}
 			s, ok := tok.(string)
 			if !ok {
-				return t, formatErr("tensor %q: dtype is %s, not a string", name, describe(tok))
+				return t, formatErr(BadDType, "tensor %q: dtype is %s, not a string", name, describe(tok))
 			}
 			t.DType = DType(s)
 			if !t.DType.Valid() {
-				return t, formatErr("tensor %q: unknown dtype %q", name, s)
+				return t, formatErr(BadDType, "tensor %q: unknown dtype %q", name, s)
 			}
 		case "shape":
 			haveShape = true
 			shape, problem := readInts(dec)
 			if problem != "" {
-				return t, formatErr("tensor %q: shape %s", name, problem)
+				return t, formatErr(BadShape, "tensor %q: shape %s", name, problem)
 			}
 			t.Shape = shape
 		case "data_offsets":
 			haveOffsets = true
 			offs, problem := readInts(dec)
 			if problem != "" {
-				return t, formatErr("tensor %q: data_offsets %s", name, problem)
+				return t, formatErr(BadOffsets, "tensor %q: data_offsets %s", name, problem)
 			}
 			if len(offs) != 2 {
-				return t, formatErr("tensor %q: data_offsets has %d elements, not 2", name, len(offs))
+				return t, formatErr(BadOffsets, "tensor %q: data_offsets has %d elements, not 2", name, len(offs))
 			}
 			t.Begin, t.End = offs[0], offs[1]
 			if t.Begin > t.End {
-				return t, formatErr("tensor %q: data_offsets [%d,%d] begin after end", name, t.Begin, t.End)
+				return t, formatErr(BadOffsets, "tensor %q: data_offsets [%d,%d] begin after end", name, t.Begin, t.End)
 			}
 		default:
 			// The reference ignores unknown fields.
 			var skip json.RawMessage
 			if err := dec.Decode(&skip); err != nil {
-				return t, formatErr("header is not valid JSON: %v", err)
+				return t, formatErr(InvalidJSON, "header is not valid JSON: %v", err)
 			}
 		}
 	}
 	if _, err := dec.Token(); err != nil { // '}'
-		return t, formatErr("header is not valid JSON: %v", err)
+		return t, formatErr(InvalidJSON, "header is not valid JSON: %v", err)
 	}
 	switch {
 	case !haveDType:
-		return t, formatErr("tensor %q: missing field \"dtype\"", name)
+		return t, formatErr(BadDType, "tensor %q: missing field \"dtype\"", name)
 	case !haveShape:
-		return t, formatErr("tensor %q: missing field \"shape\"", name)
+		return t, formatErr(BadShape, "tensor %q: missing field \"shape\"", name)
 	case !haveOffsets:
-		return t, formatErr("tensor %q: missing field \"data_offsets\"", name)
+		return t, formatErr(BadOffsets, "tensor %q: missing field \"data_offsets\"", name)
 	}
 	return t, nil
 }

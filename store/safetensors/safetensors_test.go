@@ -42,7 +42,7 @@ func sampleTensors(seed uint64) []Tensor {
 			shapes = append(shapes, []int64{}, []int64{3}, []int64{1, 1, 7})
 		}
 		for i, shape := range shapes {
-			size, problem := byteSize(dt, shape)
+			size, _, problem := byteSize(dt, shape)
 			if problem != "" {
 				panic(problem)
 			}
@@ -291,6 +291,9 @@ func acceptCases() []acceptCase {
 		{"F6 four", file(`{"a":{"dtype":"F6_E3M2","shape":[4],"data_offsets":[0,3]}}`, 3), []string{"a"}, nil, 0},
 		{"escaped name", file(`{"a\u00e9\ud83d\ude00\"":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}`, 1), []string{"a\u00e9\U0001F600\""}, nil, 0},
 		{"huge dim times zero", file(`{"a":{"dtype":"F64","shape":[0,9223372036854775807],"data_offsets":[0,0]}}`, 0), []string{"a"}, nil, 0},
+		{"repeated tensor: the last counts", file(`{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"w":{"dtype":"U8","shape":[2],"data_offsets":[0,2]}}`, 2), []string{"w"}, nil, 0},
+		{"repeated metadata key: the last counts", file(`{"__metadata__":{"k":"1","k":"2"}}`, 0), nil, map[string]string{"k": "2"}, 0},
+		{"repeated unknown field", file(`{"w":{"x":1,"x":2,"dtype":"U8","shape":[1],"data_offsets":[0,1]}}`, 1), []string{"w"}, nil, 0},
 		{"deepest nesting", file(`{"a":{"dtype":"U8","x":`+strings.Repeat("[", 125)+strings.Repeat("]", 125)+`,"shape":[],"data_offsets":[0,1]}}`, 1), []string{"a"}, nil, 0},
 	}
 }
@@ -356,10 +359,9 @@ func rejectCases() []rejectCase {
 		{"metadata null value", file(`{"__metadata__":{"format":null}}`, 0), `metadata value for "format" is not a string but null`},
 		{"metadata object value", file(`{"__metadata__":{"format":{}}}`, 0), `metadata value for "format" is not a string but an object`},
 		{"duplicate metadata", file(`{"__metadata__":{},"__metadata__":{}}`, 0), `duplicate "__metadata__" key`},
-		{"duplicate metadata key", file(`{"__metadata__":{"k":"1","k":"2"}}`, 0), `duplicate metadata key "k"`},
-		{"duplicate tensor", file(`{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}`, 2), `duplicate tensor name "w"`},
+		{"duplicate tensor, the last leaves a gap", file(`{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}`, 2), `tensor "w": data_offsets [1,2] leave a gap of 1 bytes at the start`},
+		{"duplicate tensor, the first is invalid", file(`{"w":{"dtype":"F12","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}`, 1), `tensor "w": unknown dtype "F12"`},
 		{"duplicate field", file(`{"w":{"dtype":"U8","dtype":"U8","shape":[1],"data_offsets":[0,1]}}`, 1), `tensor "w": duplicate field "dtype"`},
-		{"duplicate unknown field", file(`{"w":{"x":1,"x":2,"dtype":"U8","shape":[1],"data_offsets":[0,1]}}`, 1), `tensor "w": duplicate field "x"`},
 		{"tensor not object", file(`{"w":[1]}`, 0), `tensor "w": entry is an array, not a JSON object`},
 		{"tensor string", file(`{"w":"U8"}`, 0), `tensor "w": entry is a string, not a JSON object`},
 		{"dtype not string", file(`{"x":{"dtype":8,"shape":[1],"data_offsets":[0,1]}}`, 1), `tensor "x": dtype is a number, not a string`},
@@ -409,6 +411,9 @@ func TestParseRejects(t *testing.T) {
 			var fe *FormatError
 			if !errors.As(err, &fe) {
 				t.Errorf("error %T %v is not a *FormatError", err, err)
+			}
+			if cl := ClassOf(err); !slices.Contains(Classes, cl) || !errors.Is(err, cl) || errors.Is(err, Class("other")) {
+				t.Errorf("error %v has class %q", err, cl)
 			}
 			if !strings.HasPrefix(err.Error(), "invalid safetensors: ") || !strings.Contains(err.Error(), c.want) {
 				t.Errorf("error %q does not mention %q", err, c.want)

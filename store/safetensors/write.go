@@ -39,7 +39,7 @@ func Write(w io.Writer, tensors []Tensor, metadata map[string]string) error {
 		return err
 	}
 	for _, t := range tensors {
-		if want, _ := byteSize(t.DType, t.Shape); int64(len(t.Data)) != want {
+		if want, _, _ := byteSize(t.DType, t.Shape); int64(len(t.Data)) != want {
 			return fmt.Errorf("safetensors: tensor %q: shape %s of %s needs %d bytes, data has %d", t.Name, fmtShape(t.Shape), t.DType, want, len(t.Data))
 		}
 	}
@@ -73,7 +73,7 @@ func EncodeHeader(tensors []TensorInfo, metadata map[string]string) (prefix []by
 		if _, dup := sizes[t.Name]; dup {
 			return nil, nil, fmt.Errorf("safetensors: duplicate tensor name %q", t.Name)
 		}
-		size, problem := byteSize(t.DType, t.Shape)
+		size, _, problem := byteSize(t.DType, t.Shape)
 		if problem != "" {
 			return nil, nil, fmt.Errorf("safetensors: tensor %q: %s", t.Name, problem)
 		}

@@ -32,7 +32,7 @@ def _manifest_json(**over) -> dict:
         "schema": 1,
         "file_size": 294,
         "data_offset": 270,
-        "align": 256,
+        "align": m.DEFAULT_ALIGN,
         "replicas": [{"gpu": "GPU-0A1B2C3D-1111-2222-3333-444455556666",
                       "handle": base64.b64encode(HANDLE).decode(),
                       "slab_bytes": 1 << 20}],
@@ -89,13 +89,15 @@ class TestReadHeader(unittest.TestCase):
         self.assertEqual(h.tensors, {})
         self.assertEqual(m.slab_layout(h), {})
 
-    def assertBad(self, data: bytes, needle: str, strict: bool = True):
+    def assertBad(self, data: bytes, needle: str, cls: str, strict: bool = True):
         p = _write(self.tmp.name, "bad.safetensors", data)
         with self.assertRaises(ValueError) as cm:
             m.read_header(p, strict=strict)
         self.assertIsInstance(cm.exception, m.HeaderError)
         self.assertIn(p, str(cm.exception))
         self.assertIn(needle, str(cm.exception))
+        self.assertEqual(cm.exception.cls, cls, str(cm.exception))
+        self.assertIn(cls, m.HEADER_ERROR_CLASSES)
 
     def test_malformed(self):
         good = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
@@ -104,37 +106,53 @@ class TestReadHeader(unittest.TestCase):
         def hdr(obj) -> bytes:
             return raw_file(json.dumps(obj).encode(), d8)
 
-        self.assertBad(b"\x01\x00", "shorter than 8 bytes")
-        self.assertBad(struct.pack("<Q", 100_000_001) + b"{}", "exceeds")
-        self.assertBad(struct.pack("<Q", 50) + b"{}", "past the end")
-        self.assertBad(raw_file(b"[1, 2]", b""), "start with '{'")
-        self.assertBad(raw_file(b"{not json}", b""), "not valid JSON")
-        self.assertBad(raw_file(b'{"a": 1, "a": 2}', b""), "duplicate key")
-        self.assertBad(raw_file(b'{"a": NaN}', b""), "not valid JSON")
-        self.assertBad(raw_file(b"{\"a\": \"\xff\"}", b""), "not valid JSON")
-        self.assertBad(hdr({"t": [1]}), "not an object")
-        self.assertBad(hdr({"t": {**good, "dtype": "F33"}}), "unknown dtype")
-        self.assertBad(hdr({"t": {"shape": [2], "data_offsets": [0, 8]}}), "dtype")
-        self.assertBad(hdr({"t": {**good, "shape": [-2]}}), "shape")
-        self.assertBad(hdr({"t": {**good, "shape": [True]}}), "shape")
-        self.assertBad(hdr({"t": {**good, "shape": 2}}), "shape")
-        self.assertBad(hdr({"t": {**good, "data_offsets": [8, 0]}}), "data_offsets")
-        self.assertBad(hdr({"t": {**good, "data_offsets": [0]}}), "data_offsets")
-        self.assertBad(hdr({"t": {**good, "shape": [3]}}), "needs 12")
+        self.assertBad(b"\x01\x00", "shorter than 8 bytes", "truncated")
+        self.assertBad(struct.pack("<Q", 100_000_001) + b"{}", "exceeds", "header_too_large")
+        self.assertBad(struct.pack("<Q", 50) + b"{}", "past the end", "truncated")
+        self.assertBad(raw_file(b"[1, 2]", b""), "not a JSON object", "invalid_json")
+        self.assertBad(raw_file(b"{not json}", b""), "not valid JSON", "invalid_json")
+        # A repeated key is no error in itself (the last one counts), but each value is checked.
+        self.assertBad(raw_file(b'{"a": 1, "a": 2}', b""), "not a JSON object", "bad_entry")
+        self.assertBad(raw_file(b'{"a": NaN}', b""), "not valid JSON", "invalid_json")
+        self.assertBad(raw_file(b"{\"a\": \"\xff\"}", b""), "not valid UTF-8", "invalid_utf8")
+        self.assertBad(hdr({"t": [1]}), "not a JSON object", "bad_entry")
+        self.assertBad(hdr({"t": {**good, "dtype": "F33"}}), "unknown dtype", "bad_dtype")
+        self.assertBad(hdr({"t": {"shape": [2], "data_offsets": [0, 8]}}), "dtype", "bad_dtype")
+        self.assertBad(hdr({"t": {**good, "shape": [-2]}}), "shape", "bad_shape")
+        self.assertBad(hdr({"t": {**good, "shape": [True]}}), "shape", "bad_shape")
+        self.assertBad(hdr({"t": {**good, "shape": 2}}), "shape", "bad_shape")
+        self.assertBad(hdr({"t": {**good, "data_offsets": [8, 0]}}), "data_offsets", "bad_offsets")
+        self.assertBad(hdr({"t": {**good, "data_offsets": [0]}}), "data_offsets", "bad_offsets")
+        self.assertBad(hdr({"t": {**good, "shape": [3]}}), "needs 12", "size_mismatch")
         self.assertBad(hdr({"t": {**good, "shape": [4], "data_offsets": [0, 16]}}),
-                       "past the data section")
+                       "past the end of the file", "truncated")
         self.assertBad(hdr({"t": {**good, "dtype": "F4", "shape": [3],
-                                  "data_offsets": [0, 2]}}), "whole number of bytes")
-        self.assertBad(hdr({"__metadata__": {"k": 1}, "t": good}), "__metadata__")
-        self.assertBad(hdr({"t": {**good, "extra": 1}}), "unexpected fields")
+                                  "data_offsets": [0, 2]}}), "whole number of bytes",
+                       "size_mismatch")
+        self.assertBad(hdr({"__metadata__": {"k": 1}, "t": good}), "metadata", "bad_metadata")
         # strict: back to back from 0 to the end of the file
         gap = raw_file(json.dumps({"t": {**good, "data_offsets": [4, 12]}}).encode(), bytes(12))
-        self.assertBad(gap, "gap before")
+        self.assertBad(gap, "gap", "bad_offsets")
         short = raw_file(json.dumps({"t": good}).encode(), bytes(12))
-        self.assertBad(short, "tensors end at 8")
+        self.assertBad(short, "tensors end at 8", "trailing_data")
         overlap = {"t": good, "u": {"dtype": "U8", "shape": [4], "data_offsets": [4, 8]}}
-        self.assertBad(hdr(overlap), "overlap")
-        self.assertBad(hdr(overlap), "overlap", strict=False)
+        self.assertBad(hdr(overlap), "overlap", "bad_offsets")
+        self.assertBad(hdr(overlap), "overlap", "bad_offsets", strict=False)
+
+    def test_reference_accepts(self):
+        # What the reference parser (and the daemon) accepts, strict mode accepts too: leading
+        # whitespace, unknown fields in a tensor entry, "__metadata__": null. These three were
+        # refused before the conformance corpus.
+        good = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+        for header, md in ((b" \t\r\n" + json.dumps({"t": good}).encode(), None),
+                           (json.dumps({"t": {**good, "extra": [1, {}]}}).encode(), None),
+                           (json.dumps({"__metadata__": None, "t": good}).encode(), None),
+                           (b'{"__metadata__": {"k": "1", "k": "2"}, "t": ' +
+                            json.dumps(good).encode() + b"}", {"k": "2"})):
+            data = raw_file(header, bytes(8))
+            h = m.parse_header(data, len(data))
+            self.assertEqual(list(h.tensors), ["t"], header)
+            self.assertEqual(h.metadata, md, header)
 
     def test_non_strict_allows_gaps(self):
         good = {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}
@@ -152,34 +170,39 @@ class TestReadHeader(unittest.TestCase):
         self.assertEqual(h.tensors["u"].nbytes, 3)
 
 
+A = m.DEFAULT_ALIGN  # the slab layout rule's alignment
+
+
 class TestSlabLayout(unittest.TestCase):
-    def layout(self, data: bytes, align: int = 256):
+    def layout(self, data: bytes, align: int = m.DEFAULT_ALIGN):
         lay = m.slab_layout(m.parse_header(data, len(data)), align)
         return {n: (e.offset, e.nbytes) for n, e in lay.items()}, lay
 
     def test_simple(self):
         got, lay = self.layout(stfiles.simple())
-        self.assertEqual(got, {"a": (0, 16), "b": (256, 24)})
+        self.assertEqual(got, {"a": (0, 16), "b": (A, 24)})
         self.assertEqual(list(lay), ["a", "b"])  # slab order
         self.assertEqual(lay["a"].dtype, "F32")
         self.assertEqual(lay["a"].shape, (2, 2))
-        self.assertEqual(m.slab_end(lay), 280)
+        self.assertEqual(m.slab_end(lay), A + 24)
+        self.assertEqual(m.slab_size(lay), 2 * A)
 
     def test_unaligned_file(self):
-        # BF16[3] ends at byte 6; the F32 goes to the next 256-byte boundary.
+        # BF16[3] ends at byte 6; the F32 goes to the next align boundary.
         got, lay = self.layout(stfiles.unaligned())
-        self.assertEqual(got, {"x": (0, 6), "y": (256, 8)})
-        self.assertEqual(m.slab_end(lay), 264)
+        self.assertEqual(got, {"x": (0, 6), "y": (A, 8)})
+        self.assertEqual(m.slab_end(lay), A + 8)
         got, lay = self.layout(stfiles.unaligned(), align=16)
         self.assertEqual(got, {"x": (0, 6), "y": (16, 8)})
         self.assertEqual(m.slab_end(lay), 24)
 
     def test_ties_zero_size_scalar(self):
-        # data offsets: w1 [0,10] e [10,10] w2 [10,18] s [18,26]; tie at 10 broken by name.
+        # data offsets: w1 [0,10] e [10,10] w2 [10,18] s [18,26]; at the tie at 10 the zero-size
+        # tensor (smaller end) comes first.
         got, lay = self.layout(stfiles.mixed())
         self.assertEqual(list(lay), ["w1", "e", "w2", "s"])
-        self.assertEqual(got, {"w1": (0, 10), "e": (256, 0), "w2": (256, 8), "s": (512, 8)})
-        self.assertEqual(m.slab_end(lay), 520)
+        self.assertEqual(got, {"w1": (0, 10), "e": (A, 0), "w2": (A, 8), "s": (2 * A, 8)})
+        self.assertEqual(m.slab_end(lay), 2 * A + 8)
         got, _ = self.layout(stfiles.mixed(), align=16)
         self.assertEqual(got, {"w1": (0, 10), "e": (16, 0), "w2": (16, 8), "s": (32, 8)})
 
@@ -188,7 +211,7 @@ class TestSlabLayout(unittest.TestCase):
                       "m": ("F32", [1], stfiles.f32(1))})
         got, lay = self.layout(data)
         self.assertEqual(list(lay), ["z", "a", "m"])
-        self.assertEqual(got, {"z": (0, 300), "a": (512, 1), "m": (768, 4)})
+        self.assertEqual(got, {"z": (0, 300), "a": (2 * A, 1), "m": (3 * A, 4)})  # 300 > A
 
     def test_bad_align(self):
         h = m.parse_header(stfiles.simple(), len(stfiles.simple()))
@@ -225,7 +248,7 @@ class TestManifestParse(unittest.TestCase):
     def test_valid(self):
         man = m.parse_cuda_manifest(json.dumps(_manifest_json()).encode(), "/mnt/w/x.safetensors")
         self.assertEqual((man.schema, man.file_size, man.data_offset, man.align),
-                         (1, 294, 270, 256))
+                         (1, 294, 270, m.DEFAULT_ALIGN))
         self.assertEqual(len(man.replicas), 1)
         r = man.replicas[0]
         self.assertEqual(r.handle, HANDLE)
@@ -280,13 +303,13 @@ class TestManifestParse(unittest.TestCase):
         h = m.parse_header(data, len(data))
         ok = _manifest_json(file_size=len(data), data_offset=h.data_offset)
         man = m.parse_cuda_manifest(json.dumps(ok), "f")
-        self.assertEqual(man.layout(h)["b"].offset, 256)
+        self.assertEqual(man.layout(h)["b"].offset, m.DEFAULT_ALIGN)
         for bad, needle in (({"file_size": len(data) + 1}, "file_size"),
                             ({"data_offset": h.data_offset + 8}, "data_offset")):
             man = m.parse_cuda_manifest(json.dumps({**ok, **bad}), "f")
             with self.assertRaisesRegex(m.ManifestError, needle):
                 man.layout(h)
-        rep = {**ok["replicas"][0], "slab_bytes": 279}  # layout ends at 280
+        rep = {**ok["replicas"][0], "slab_bytes": 279}  # layout ends at A + 24 = 280
         man = m.parse_cuda_manifest(json.dumps({**ok, "replicas": [rep]}), "f")
         with self.assertRaisesRegex(m.ManifestError, "needs 280"):
             man.layout(h)

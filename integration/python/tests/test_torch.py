@@ -118,7 +118,7 @@ class TorchReadTests(unittest.TestCase):
     def test_replica_on_invisible_gpu(self):
         h = m.read_header(self.simple)
         man = m.parse_cuda_manifest(json.dumps({
-            "schema": 1, "file_size": h.file_size, "data_offset": h.data_offset, "align": 256,
+            "schema": 1, "file_size": h.file_size, "data_offset": h.data_offset, "align": m.DEFAULT_ALIGN,
             "replicas": [{"gpu": "GPU-00000000-0000-0000-0000-000000000000",
                           "handle": base64.b64encode(bytes(64)).decode(), "slab_bytes": 4096}]}))
         d = weightfs.load_file(self.simple, manifest=man)  # falls back to reading
@@ -193,7 +193,7 @@ EXPORTER = r"""
 # offsets, the slab's legacy IPC handle published. Driver API through ctypes, no torch.
 import base64, ctypes as C, json, sys
 sys.path.insert(0, sys.argv[1])
-from weightfs.manifest import read_header, slab_layout, slab_end
+from weightfs.manifest import DEFAULT_ALIGN, read_header, slab_layout, slab_end
 
 cu = C.CDLL("libcuda.so.1")
 def ck(rc, what):
@@ -217,7 +217,7 @@ gpu = f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 out = {}
 for p in sys.argv[2:]:
     hd = read_header(p)
-    lay = slab_layout(hd, 256)
+    lay = slab_layout(hd, DEFAULT_ALIGN)
     nbytes = max(slab_end(lay), 1)
     ptr = C.c_uint64()
     ck(cu.cuMemAlloc_v2(C.byref(ptr), nbytes), "cuMemAlloc")
@@ -232,7 +232,7 @@ for p in sys.argv[2:]:
     handle = Handle()
     ck(cu.cuIpcGetMemHandle(C.byref(handle), ptr.value), "cuIpcGetMemHandle")
     out[p] = {"schema": 1, "file_size": hd.file_size, "data_offset": hd.data_offset,
-              "align": 256, "replicas": [{"gpu": gpu, "slab_bytes": nbytes,
+              "align": DEFAULT_ALIGN, "replicas": [{"gpu": gpu, "slab_bytes": nbytes,
                                           "handle": base64.b64encode(bytes(handle)).decode()}]}
 print(json.dumps(out), flush=True)
 sys.stdin.read()  # keep the slabs until the test closes our stdin
@@ -313,8 +313,8 @@ class CudaIPCTests(unittest.TestCase):
         got = weightfs.load_file(p, manifest=self.man["mixed"])
         (_, base, _), = self.ranges("mixed")
         self.assertEqual(got["w1"].data_ptr() - base, 0)
-        self.assertEqual(got["w2"].data_ptr() - base, 256)
-        self.assertEqual(got["s"].data_ptr() - base, 512)
+        self.assertEqual(got["w2"].data_ptr() - base, m.DEFAULT_ALIGN)
+        self.assertEqual(got["s"].data_ptr() - base, 2 * m.DEFAULT_ALIGN)
 
     def test_slab_opened_once(self):
         p = self.files["big"]

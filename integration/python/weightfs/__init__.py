@@ -8,6 +8,7 @@ import torch when called.
 
 from .manifest import (
     DEFAULT_ALIGN,
+    HEADER_ERROR_CLASSES,
     IPC_HANDLE_SIZE,
     TORCH_DTYPE_NAMES,
     XATTR_CUDA,
@@ -25,6 +26,7 @@ from .manifest import (
     read_header,
     slab_end,
     slab_layout,
+    slab_size,
     torch_dtype_name,
 )
 from .torch_loader import gpu_pointer_ranges, load_file, load_model, state_dict, torch_dtype
@@ -33,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_ALIGN",
+    "HEADER_ERROR_CLASSES",
     "IPC_HANDLE_SIZE",
     "TORCH_DTYPE_NAMES",
     "XATTR_CUDA",
@@ -53,6 +56,7 @@ __all__ = [
     "read_header",
     "slab_end",
     "slab_layout",
+    "slab_size",
     "state_dict",
     "torch_dtype",
     "torch_dtype_name",

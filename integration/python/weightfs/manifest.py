@@ -19,6 +19,7 @@ import binascii
 import errno
 import io
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ __all__ = [
     "IPC_HANDLE_SIZE",
     "DTYPE_BITS",
     "TORCH_DTYPE_NAMES",
+    "HEADER_ERROR_CLASSES",
     "HeaderError",
     "ManifestError",
     "UnsupportedDtypeError",
@@ -43,6 +45,7 @@ __all__ = [
     "parse_header",
     "slab_layout",
     "slab_end",
+    "slab_size",
     "torch_dtype_name",
     "parse_cuda_manifest",
     "read_cuda_manifest",
@@ -53,7 +56,8 @@ __all__ = [
 XATTR_CUDA = "user.weightfs.cuda"
 #: Largest header accepted (same limit as the safetensors library).
 MAX_HEADER_SIZE = 100_000_000
-#: Slab alignment used by the daemon (the manifest says which one applies).
+#: The slab layout rule's alignment (docs/PROTOCOL.md §2), the one definition of it in Python;
+#: the daemon's is ``store.SlabAlign``. A file's manifest says which one applies (``align``).
 DEFAULT_ALIGN = 256
 #: Size of a legacy ``CUipcMemHandle``.
 IPC_HANDLE_SIZE = 64
@@ -114,8 +118,32 @@ TORCH_DTYPE_NAMES: dict[str, str | None] = {
 PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
 
+#: Why a file is refused: the ``cls`` of a :class:`HeaderError`. The same classes as the Go
+#: parser's (``safetensors.Class``); store/safetensors/testdata/conformance/cases.json documents
+#: each one and pins the verdict of both parsers on every file of the conformance corpus.
+HEADER_ERROR_CLASSES = (
+    "truncated",
+    "header_too_large",
+    "invalid_utf8",
+    "invalid_json",
+    "duplicate_field",
+    "bad_metadata",
+    "bad_entry",
+    "bad_dtype",
+    "bad_shape",
+    "bad_offsets",
+    "size_mismatch",
+    "trailing_data",
+)
+
+
 class HeaderError(ValueError):
-    """The safetensors header of a file is malformed."""
+    """The safetensors header of a file is malformed. ``cls`` is the reason, one of
+    :data:`HEADER_ERROR_CLASSES`."""
+
+    def __init__(self, message: str, cls: str = "invalid_json"):
+        super().__init__(message)
+        self.cls = cls
 
 
 class ManifestError(ValueError):
@@ -202,102 +230,223 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"invalid JSON constant {name}")
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
+class _Pairs(list):
+    """A JSON object as the list of its (key, value) pairs, repeated keys kept."""
+
+
+class _NegZero:
+    """``-0``, which serde_json reads as a float and Python as the integer 0."""
+
+
+_NEG_ZERO = _NegZero()
+_MAX_DEPTH = 127  # serde_json's recursion limit is 128
+_I64_MAX = (1 << 63) - 1
+_U64_MAX = (1 << 64) - 1
+
+
+def _parse_int(s: str) -> Any:
+    if s == "-0":
+        return _NEG_ZERO
+    if len(s) > 300 and math.isinf(float(s)):
+        raise ValueError(f"number {s[:40]} is out of range")
+    return int(s)
+
+
+def _parse_float(s: str) -> float:
+    f = float(s)
+    if math.isinf(f):
+        raise ValueError(f"number {s[:40]} is out of range")
+    return f
+
+
+def _check_strict(v: Any, depth: int = 0) -> str | None:
+    """What serde_json refuses that :func:`json.loads` lets through: lone UTF-16 surrogates
+    (from ``\\u`` escapes) and nesting deeper than 127. Returns a problem or ``None``."""
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return "lone UTF-16 surrogate in a string"
+        return None
+    if isinstance(v, list):
+        depth += 1
+        if depth > _MAX_DEPTH:
+            return f"nests deeper than {_MAX_DEPTH} levels"
+        items = (x for kv in v for x in kv) if isinstance(v, _Pairs) else iter(v)
+        for x in items:
+            p = _check_strict(x, depth)
+            if p:
+                return p
+    return None
+
+
+def _json_kind(v: Any) -> str:
+    if isinstance(v, _Pairs):
+        return "an object"
+    if isinstance(v, list):
+        return "an array"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, bool):
+        return "a boolean"
+    if v is None:
+        return "null"
+    return "a number"
+
+
+def _ints(v: Any, what: str, fail, cls: str) -> list[int]:
+    """A JSON array of integers in 0..2^63-1 (the Go parser's int64), else HeaderError."""
+    if not isinstance(v, list) or isinstance(v, _Pairs):
+        raise fail(cls, f"{what} is {_json_kind(v)}, not an array")
+    for i, d in enumerate(v):
+        if not _is_int(d) or not 0 <= d <= _I64_MAX:
+            raise fail(cls, f"{what} element {i} is not an integer in 0..2^63-1: {d!r}")
+    return v
+
+
+def _byte_size(dtype: str, shape: tuple[int, ...], fail, name: str) -> int:
+    """Bytes of ``shape`` x ``dtype``, multiplied left to right in 64 unsigned bits as the
+    reference (usize::checked_mul) does."""
+    n = 1
+    for d in shape:
+        n *= d
+        if n > _U64_MAX:
+            raise fail("bad_shape", f"tensor {name!r}: element count of shape {list(shape)} "
+                                    "overflows")
+    nbits = n * DTYPE_BITS[dtype]
+    if nbits > _U64_MAX:
+        raise fail("bad_shape", f"tensor {name!r}: bit size of shape {list(shape)} of {dtype} "
+                                "overflows")
+    if nbits % 8:
+        raise fail("size_mismatch", f"tensor {name!r}: {n} elements of {dtype} are {nbits} bits, "
+                                    "not a whole number of bytes")
+    return nbits // 8
+
+
+def _parse_entry(name: str, entry: Any, fail) -> TensorInfo:
+    if not isinstance(entry, _Pairs):
+        raise fail("bad_entry", f"tensor {name!r}: entry is {_json_kind(entry)}, not a JSON object")
+    got: dict[str, Any] = {}
+    for key, v in entry:
+        if key not in ("dtype", "shape", "data_offsets"):
+            continue  # the reference ignores unknown fields
+        if key in got:
+            raise fail("duplicate_field", f"tensor {name!r}: duplicate field {key!r}")
+        if key == "dtype":
+            if not isinstance(v, str):
+                raise fail("bad_dtype", f"tensor {name!r}: dtype is {_json_kind(v)}, not a string")
+            if v not in DTYPE_BITS:
+                raise fail("bad_dtype", f"tensor {name!r}: unknown dtype {v!r}")
+        elif key == "shape":
+            v = tuple(_ints(v, f"tensor {name!r}: shape", fail, "bad_shape"))
+        else:
+            v = _ints(v, f"tensor {name!r}: data_offsets", fail, "bad_offsets")
+            if len(v) != 2:
+                raise fail("bad_offsets", f"tensor {name!r}: data_offsets has {len(v)} elements, "
+                                          "not 2")
+            if v[0] > v[1]:
+                raise fail("bad_offsets", f"tensor {name!r}: data_offsets {v} begin after end")
+            v = (v[0], v[1])
+        got[key] = v
+    for key, cls in (("dtype", "bad_dtype"), ("shape", "bad_shape"),
+                     ("data_offsets", "bad_offsets")):
+        if key not in got:
+            raise fail(cls, f"tensor {name!r}: missing field {key!r}")
+    return TensorInfo(name, got["dtype"], got["shape"], got["data_offsets"])
+
+
+def _rule_order(t: TensorInfo) -> tuple[int, int, bytes]:
+    """The slab layout rule's order of tensors (docs/PROTOCOL.md §2): ascending
+    (data_offsets begin, end, name as UTF-8 bytes)."""
+    return (t.begin, t.end, t.name.encode("utf-8"))
 
 
 def _parse_header_json(raw: bytes, header_size: int, file_size: int | None, where: str,
                        strict: bool) -> Header:
-    def fail(msg: str) -> HeaderError:
-        return HeaderError(f"{where}: invalid safetensors header: {msg}")
+    """Validate a JSON header as the reference parser (the Rust ``safetensors`` crate) and the
+    Go parser of the daemon do; the conformance corpus pins both. ``strict=False`` also lets
+    the tensors leave gaps (zero-size tensors may then sit inside others) and the data section
+    run on past the last tensor."""
 
-    if not raw.startswith(b"{"):
-        raise fail("JSON header does not start with '{'")
+    def fail(cls: str, msg: str) -> HeaderError:
+        return HeaderError(f"{where}: invalid safetensors header: {msg}", cls)
+
+    if not raw:
+        raise fail("invalid_json", "header is empty")
     try:
         text = raw.decode("utf-8")
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise fail(f"not valid JSON: {e}") from None
-    if not isinstance(obj, dict):
-        raise fail("JSON header is not an object")
+    except UnicodeDecodeError as e:
+        raise fail("invalid_utf8", f"header is not valid UTF-8: {e}") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_Pairs, parse_constant=_reject_constant,
+                         parse_int=_parse_int, parse_float=_parse_float)
+    except (ValueError, RecursionError) as e:
+        raise fail("invalid_json", f"not valid JSON: {e}") from None
+    if not isinstance(obj, _Pairs):
+        raise fail("invalid_json", "header is not a JSON object")
+    problem = _check_strict(obj)
+    if problem:
+        raise fail("invalid_json", f"not valid JSON: {problem}")
+
+    metadata: dict[str, str] | None = None
+    seen_metadata = False
+    tensors: dict[str, TensorInfo] = {}
+    for name, info in obj:
+        if name == "__metadata__":
+            if seen_metadata:
+                raise fail("duplicate_field", "duplicate '__metadata__' key")
+            seen_metadata = True
+            if info is None:  # the reference reads an Option: null is absent
+                continue
+            if not isinstance(info, _Pairs):
+                raise fail("bad_metadata", f"__metadata__ is {_json_kind(info)}, not a JSON object")
+            metadata = {}
+            for k, v in info:
+                if not isinstance(v, str):
+                    raise fail("bad_metadata", f"metadata value for {k!r} is not a string but "
+                                               f"{_json_kind(v)}")
+                metadata[k] = v  # a repeated key: the last value counts, as in the reference
+            continue
+        # A repeated tensor name: every entry must be valid, the last one counts.
+        tensors[name] = _parse_entry(name, info, fail)
 
     data_size = None if file_size is None else file_size - 8 - header_size
-    metadata: dict[str, str] | None = None
-    tensors: dict[str, TensorInfo] = {}
-    for name, info in obj.items():
-        if name == "__metadata__":
-            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
-                raise fail("__metadata__ must be an object of strings")
-            metadata = dict(info)
-            continue
-        try:
-            name.encode("utf-8")
-        except UnicodeEncodeError:
-            raise fail(f"tensor name {name!r} is not valid UTF-8") from None
-        if not isinstance(info, dict):
-            raise fail(f"tensor {name!r}: entry is not an object")
-        dtype = info.get("dtype")
-        shape = info.get("shape")
-        offs = info.get("data_offsets")
-        if not isinstance(dtype, str):
-            raise fail(f"tensor {name!r}: missing or non-string dtype")
-        bits = DTYPE_BITS.get(dtype)
-        if bits is None:
-            raise fail(f"tensor {name!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise fail(f"tensor {name!r}: shape must be a list of non-negative integers")
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs)
-                or not 0 <= offs[0] <= offs[1]):
-            raise fail(f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end")
-        if strict:
-            extra = set(info) - {"dtype", "shape", "data_offsets"}
-            if extra:
-                raise fail(f"tensor {name!r}: unexpected fields {sorted(extra)}")
-        t = TensorInfo(name, dtype, tuple(shape), (offs[0], offs[1]))
-        total_bits = t.numel * bits
-        if total_bits % 8:
-            raise fail(f"tensor {name!r}: {t.numel} elements of {dtype} are not a whole number "
-                       "of bytes")
-        if t.nbytes != total_bits // 8:
-            raise fail(f"tensor {name!r}: data_offsets span {t.nbytes} bytes, but shape "
-                       f"{list(t.shape)} of {dtype} needs {total_bits // 8}")
-        if data_size is not None and t.end > data_size:
-            raise fail(f"tensor {name!r}: data_offsets end {t.end} is past the data section "
-                       f"({data_size} bytes)")
-        tensors[name] = t
-
-    # Tensors must not overlap; a strict file (what the safetensors library accepts) has them
-    # back to back from offset 0 to the end of the file.
-    ordered = sorted(tensors.values(), key=lambda t: (t.begin, t.end))
-    pos = 0
-    for t in ordered:
-        if strict and t.begin != pos:
-            what = "gap before" if t.begin > pos else "overlap at"
-            raise fail(f"tensor {t.name!r}: {what} data offset {t.begin} (expected {pos})")
-        if t.begin < pos and t.nbytes:
-            raise fail(f"tensor {t.name!r}: overlaps the previous tensor at offset {t.begin}")
-        pos = max(pos, t.end)
-    if strict and data_size is not None and pos != data_size:
-        raise fail(f"data section is {data_size} bytes but tensors end at {pos}")
+    pos, prev = 0, None
+    for t in sorted(tensors.values(), key=_rule_order):
+        if t.begin < pos and (strict or t.nbytes):
+            raise fail("bad_offsets", f"tensor {t.name!r}: data_offsets {list(t.data_offsets)} "
+                                      f"overlap previous tensor {prev!r} ending at {pos}")
+        if t.begin > pos and strict:
+            raise fail("bad_offsets", f"tensor {t.name!r}: data_offsets {list(t.data_offsets)} "
+                                      f"leave a gap of {t.begin - pos} bytes (expected {pos})")
+        size = _byte_size(t.dtype, t.shape, fail, t.name)
+        if size != t.nbytes:
+            raise fail("size_mismatch", f"tensor {t.name!r}: shape {list(t.shape)} of {t.dtype} "
+                                        f"needs {size} bytes but data_offsets "
+                                        f"{list(t.data_offsets)} span {t.nbytes}")
+        if t.end >= pos:
+            pos, prev = t.end, t.name
+    if data_size is not None and pos > data_size:
+        raise fail("truncated", f"tensor {prev!r}: data_offsets end at {pos}, past the end of "
+                                f"the file (data section is {data_size} bytes)")
+    if strict and data_size is not None and pos < data_size:
+        raise fail("trailing_data", f"data section is {data_size} bytes but the tensors end at "
+                                    f"{pos}: {data_size - pos} trailing bytes")
     return Header(header_size=header_size, tensors=tensors, metadata=metadata,
                   file_size=file_size, path=None if where == "<bytes>" else where)
 
 
 def _check_prefix(prefix: bytes, file_size: int | None, where: str) -> int:
     if len(prefix) < 8:
-        raise HeaderError(f"{where}: invalid safetensors header: file is shorter than 8 bytes")
+        raise HeaderError(f"{where}: invalid safetensors header: file is shorter than 8 bytes",
+                          "truncated")
     (n,) = struct.unpack("<Q", prefix[:8])
     if n > MAX_HEADER_SIZE:
         raise HeaderError(f"{where}: invalid safetensors header: header length {n} exceeds "
-                          f"{MAX_HEADER_SIZE}")
+                          f"{MAX_HEADER_SIZE}", "header_too_large")
     if file_size is not None and 8 + n > file_size:
         raise HeaderError(f"{where}: invalid safetensors header: header length {n} runs past the "
-                          f"end of the file ({file_size} bytes)")
+                          f"end of the file ({file_size} bytes)", "truncated")
     return n
 
 
@@ -313,7 +462,7 @@ def parse_header(data: bytes | bytearray | memoryview, file_size: int | None = N
     n = _check_prefix(data[:8], file_size, where)
     if len(data) < 8 + n:
         raise HeaderError(f"{where}: invalid safetensors header: need {8 + n} bytes, got "
-                          f"{len(data)}")
+                          f"{len(data)}", "truncated")
     return _parse_header_json(data[8:8 + n], n, file_size, where, strict)
 
 
@@ -366,7 +515,8 @@ def _read_header_from(f: BinaryIO, where: str, strict: bool) -> Header:
     n = _check_prefix(prefix, size, where)
     raw = _read_exact(f, n)
     if len(raw) != n:
-        raise HeaderError(f"{where}: invalid safetensors header: file ends inside the header")
+        raise HeaderError(f"{where}: invalid safetensors header: file ends inside the header",
+                          "truncated")
     h = _parse_header_json(raw, n, size, where, strict)
     return Header(h.header_size, h.tensors, h.metadata, h.file_size, where)
 
@@ -391,19 +541,18 @@ class SlabEntry:
 
 def slab_layout(header: Header | Mapping[str, TensorInfo],
                 align: int = DEFAULT_ALIGN) -> dict[str, SlabEntry]:
-    """Place the tensors of ``header`` in a slab.
-
-    Tensors are taken in ascending order of their ``data_offsets`` begin (ties broken by name);
-    the first starts at 0, each next one at the previous one's end rounded up to ``align``.
-    The result is ordered by slab offset.
+    """Place the tensors of ``header`` in a slab by the slab layout rule, stated once in
+    docs/PROTOCOL.md §2 ("The slab layout rule"): tensors in ascending order of (data_offsets
+    begin, end, name as UTF-8 bytes); the first starts at 0, each next one at the previous
+    one's end rounded up to ``align``. The result is ordered by that rule. The conformance
+    corpus (store/safetensors/testdata/conformance) pins the offsets.
     """
     if not _is_int(align) or align <= 0:
         raise ValueError(f"align must be a positive integer, got {align!r}")
     tensors = header.tensors if isinstance(header, Header) else header
-    ordered = sorted(tensors.values(), key=lambda t: (t.begin, t.name.encode("utf-8")))
     out: dict[str, SlabEntry] = {}
     prev_end: int | None = None
-    for t in ordered:
+    for t in sorted(tensors.values(), key=_rule_order):
         off = 0 if prev_end is None else -(-prev_end // align) * align
         out[t.name] = SlabEntry(off, t.nbytes, t.dtype, t.shape)
         prev_end = off + t.nbytes
@@ -413,6 +562,13 @@ def slab_layout(header: Header | Mapping[str, TensorInfo],
 def slab_end(layout: Mapping[str, SlabEntry]) -> int:
     """Bytes a slab needs for ``layout`` (end of its last tensor; 0 when empty)."""
     return max((e.end for e in layout.values()), default=0)
+
+
+def slab_size(layout: Mapping[str, SlabEntry], align: int = DEFAULT_ALIGN) -> int:
+    """The layout's size by the rule: :func:`slab_end` rounded up to ``align``, at least
+    ``align`` (what the daemon's ``store.SlabLayout`` returns; the allocation, ``slab_bytes``,
+    may be larger still)."""
+    return max(-(-slab_end(layout) // align) * align, align)
 
 
 def torch_dtype_name(dtype: str) -> str:
