@@ -170,4 +170,3 @@ func TestNilDriver(t *testing.T) {
 		t.Errorf("nil Driver Devices() = %v, want ErrNoDriver", err)
 	}
 }
-
