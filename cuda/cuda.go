@@ -26,6 +26,7 @@ package cuda
 import (
 	"errors"
 	"fmt"
+	"reflect"
 	"runtime"
 	"strconv"
 	"strings"
@@ -158,7 +159,7 @@ type api struct {
 // ipcHandleArg is CUipcMemHandle passed by value (a 64-byte struct).
 type ipcHandleArg struct{ R [64]byte }
 
-// symbols maps each entry point to the field it binds; the linux binder walks it.
+// symbols maps each entry point to the field it binds; openWith walks it.
 func (a *api) symbols() []struct {
 	name string
 	fn   any
@@ -215,6 +216,57 @@ type Driver struct {
 // Open dlopens libcuda.so.1, binds the entry points and calls cuInit(0).
 // Without a usable driver the error wraps ErrNoDriver and says why.
 func Open() (*Driver, error) { return OpenLibrary("libcuda.so.1") }
+
+// Binder provides one driver entry point. name is the exported symbol (the
+// versioned one where a _v2 exists, e.g. "cuMemAlloc_v2"); fn is a non-nil
+// pointer to a func variable with the entry point's C signature in Go terms,
+// which the binder must set:
+//
+//   - CUresult is int32 (the only result), CUdevice int32, int int32,
+//     unsigned int uint32, size_t and CUdeviceptr uint64;
+//   - CUcontext and CUstream are uintptr;
+//   - pointers stay pointers (*int32, *uint64, *uintptr, *byte for char*,
+//     **byte for const char**, *[16]byte for CUuuid*, *[64]byte-shaped for
+//     CUipcMemHandle*), host memory is unsafe.Pointer;
+//   - CUipcMemHandle passed by value is a struct{ R [64]byte }-shaped struct.
+//
+// A binder that cannot provide name returns an error. OpenLibrary binds with
+// purego; package cuda/cudatest binds to a fake driver for tests.
+type Binder func(name string, fn any) error
+
+// OpenWith binds every entry point the package uses through bind, then calls
+// cuInit(0) and cuDriverGetVersion like Open. An error from bind, or an
+// entry point it left nil, fails with an error wrapping ErrNoDriver; so does
+// a failing cuInit.
+func OpenWith(bind Binder) (*Driver, error) { return openWith(bind, 0) }
+
+// openWith is OpenWith keeping the library handle lib: the one binding path.
+func openWith(bind Binder, lib uintptr) (*Driver, error) {
+	if bind == nil {
+		return nil, fmt.Errorf("%w: no binder", ErrNoDriver)
+	}
+	a := &api{}
+	for _, s := range a.symbols() {
+		if err := bind(s.name, s.fn); err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrNoDriver, err)
+		}
+		if reflect.ValueOf(s.fn).Elem().IsNil() {
+			return nil, fmt.Errorf("%w: binder left %s unset", ErrNoDriver, s.name)
+		}
+	}
+	return newDriver(a, lib)
+}
+
+// EntryPoints lists the symbols OpenWith asks its binder for, in order.
+func EntryPoints() []string {
+	var a api
+	syms := a.symbols()
+	names := make([]string, len(syms))
+	for i, s := range syms {
+		names[i] = s.name
+	}
+	return names
+}
 
 func newDriver(a *api, lib uintptr) (*Driver, error) {
 	d := &Driver{api: a, lib: lib}

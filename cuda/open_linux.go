@@ -8,19 +8,18 @@ import (
 	"github.com/ebitengine/purego"
 )
 
-// OpenLibrary is Open with an explicit library name or path.
+// OpenLibrary is Open with an explicit library name or path: it dlopens the
+// library and hands OpenWith a binder that resolves each symbol with purego.
 func OpenLibrary(name string) (*Driver, error) {
 	lib, err := purego.Dlopen(name, purego.RTLD_NOW|purego.RTLD_GLOBAL)
 	if err != nil {
 		return nil, fmt.Errorf("%w: dlopen %s: %v", ErrNoDriver, name, err)
 	}
-	a := &api{}
-	for _, s := range a.symbols() {
-		if err := bind(lib, s.name, s.fn); err != nil {
-			return nil, fmt.Errorf("%w: %s: %v", ErrNoDriver, name, err)
-		}
+	d, err := openWith(func(sym string, fn any) error { return bind(lib, sym, fn) }, lib)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
 	}
-	return newDriver(a, lib)
+	return d, nil
 }
 
 // bind resolves one symbol and registers fn for it; a missing symbol (or a

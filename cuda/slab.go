@@ -5,13 +5,6 @@ import (
 	"fmt"
 )
 
-// Align is the slab layout alignment of the zero-copy protocol: each tensor
-// starts at the previous one's end rounded up to Align.
-const Align = 256
-
-// AlignUp rounds n up to a multiple of a (a power of two).
-func AlignUp(n, a uint64) uint64 { return (n + a - 1) &^ (a - 1) }
-
 // DefaultChunk is the copy size Upload uses when given 0.
 const DefaultChunk = 64 << 20
 
