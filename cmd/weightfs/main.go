@@ -97,8 +97,10 @@ func versionText() string {
 		for _, kv := range bi.Settings {
 			s[kv.Key] = kv.Value
 		}
-		if s["vcs.revision"] != "" {
-			commit = s["vcs.revision"] + " " + s["vcs.time"] + map[string]string{"true": " (dirty)"}[s["vcs.modified"]]
+		if commit = s["vcs.revision"] + " " + s["vcs.time"]; s["vcs.revision"] == "" {
+			commit = "unknown (built without VCS stamping)"
+		} else if s["vcs.modified"] == "true" {
+			commit += " (dirty)"
 		}
 	}
 	return fmt.Sprintf("weightfs %s\nmodule:  %s\ncommit:  %s\ngo:      %s %s/%s\n",
