@@ -6,13 +6,15 @@ BIN      := bin/weightfs
 MNT      ?= /mnt/weightfs
 GOFLAGS  ?=
 export CGO_CFLAGS ?= -Wno-deprecated-declarations
+# The version `weightfs --version` prints: the nearest tag, else the commit ("dev" outside git).
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 
 .PHONY: all build run test test-go test-python lint bench fuzz gpu-test gpu-bench deps clean
 
 all: build
 
 build:
-	$(GO) build $(GOFLAGS) -o $(BIN) ./cmd/weightfs
+	$(GO) build $(GOFLAGS) -buildvcs=auto -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/weightfs
 
 ## run: build, then serve the built-in demo model on $(MNT) in the foreground (Ctrl-C unmounts).
 run: build

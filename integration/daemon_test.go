@@ -3,6 +3,7 @@ package integration
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -173,8 +174,9 @@ func TestDaemonDemo(t *testing.T) {
 	}
 }
 
-// TestCommandLineErrors: bad flags and paths get one clear line and a
-// non-zero exit, before anything is mounted.
+// TestCommandLineErrors: bad flags and paths get one clear line, exit
+// status 2 for a usage mistake and 1 for a failure, before anything is
+// mounted.
 func TestCommandLineErrors(t *testing.T) {
 	bin := daemonBinary(t)
 	dir := t.TempDir()
@@ -182,39 +184,116 @@ func TestCommandLineErrors(t *testing.T) {
 	writeFile(t, file, "x")
 	cases := []struct {
 		args []string
+		code int
 		want string
 	}{
-		{[]string{}, "Usage"},
-		{[]string{"frobnicate"}, `unknown command "frobnicate"`},
-		{[]string{"mount"}, "missing MOUNTPOINT"},
-		{[]string{"mount", dir, "--nope"}, "unknown flag: --nope"},
-		{[]string{"mount", dir, "--model", "noequals"}, "want NAME=PATH"},
-		{[]string{"mount", dir, "--model", "a@b=" + dir}, "must not contain"},
-		{[]string{"mount", dir, "--model", "m=" + filepath.Join(dir, "missing")}, "no such file or directory"},
-		{[]string{"mount", dir, "--model", "m=" + file}, "not a directory"},
-		{[]string{"mount", filepath.Join(dir, "missing")}, "no such file or directory"},
-		{[]string{"mount", file}, "not a directory"},
-		{[]string{"mount", dir, "--model", "m=" + dir, "--model", "m=" + dir}, "given twice"},
-		{[]string{"mount", dir, "--log-format", "xml"}, "want text or json"},
-		{[]string{"mount", dir, "--host-memory", "lots"}, "--host-memory"},
-		{[]string{"mount", dir, "--host-memory", "120%"}, "percentage"},
-		{[]string{"mount", dir, "--gpu-memory", "10GiB"}, "--gpu-memory needs --gpu"},
-		{[]string{"load", "x"}, "usage: weightfs load NAME PATH"},
-		{[]string{"unload"}, "usage: weightfs unload NAME"},
-		{[]string{"ls", "extra"}, "usage: weightfs ls"},
-		{[]string{"status", "--bogus"}, "unknown flag: --bogus"},
-		{[]string{"verify", "m", "--version", "x"}, "--version"},
-		{[]string{"ls", "--socket", filepath.Join(dir, "none.sock")}, "no weightfs daemon at"},
+		{[]string{}, 2, "Usage:"},
+		{[]string{"frobnicate"}, 2, `unknown command "frobnicate"`},
+		{[]string{"stauts"}, 2, `did you mean "status"?`},
+		{[]string{"mount"}, 2, "usage: weightfs mount MOUNTPOINT"},
+		{[]string{"mount", dir, "--nope"}, 2, "unknown flag: --nope"},
+		{[]string{"mount", dir, "--model", "noequals"}, 2, "want NAME=PATH"},
+		{[]string{"mount", dir, "--model", "a@b=" + dir}, 2, "must not contain"},
+		{[]string{"mount", dir, "--model", "m=" + filepath.Join(dir, "missing")}, 2, "no such file or directory"},
+		{[]string{"mount", dir, "--model", "m=" + file}, 2, "not a directory"},
+		{[]string{"mount", filepath.Join(dir, "missing")}, 2, "no such file or directory"},
+		{[]string{"mount", file}, 2, "not a directory"},
+		{[]string{"mount", dir, "--model", "m=" + dir, "--model", "m=" + dir}, 2, "given twice"},
+		{[]string{"mount", dir, "--log-format", "xml"}, 2, "want text or json"},
+		{[]string{"mount", dir, "--host-memory", "lots"}, 2, "--host-memory"},
+		{[]string{"mount", dir, "--host-memory", "120%"}, 2, "percentage"},
+		{[]string{"mount", dir, "--host-memory", "1000Ti"}, 2, "more than the machine's RAM"},
+		{[]string{"mount", dir, "--gpu-memory", "10Gi"}, 2, "--gpu-memory needs --gpu"},
+		{[]string{"load", "x"}, 2, "usage: weightfs load NAME PATH"},
+		{[]string{"unload"}, 2, "usage: weightfs unload NAME"},
+		{[]string{"ls", "extra"}, 2, "usage: weightfs ls"},
+		{[]string{"status", "--bogus"}, 2, "unknown flag: --bogus"},
+		{[]string{"verify", "m", "--version", "x"}, 2, "--version"},
+		{[]string{"ls", "--socket", filepath.Join(dir, "none.sock")}, 1, "no weightfs daemon at"},
+		{[]string{"--socket", filepath.Join(dir, "none.sock"), "status"}, 1, "no weightfs daemon at"},
 	}
 	for _, c := range cases {
-		out, err := exec.Command(bin, c.args...).CombinedOutput()
-		if err == nil {
-			t.Errorf("weightfs %v succeeded", c.args)
-			continue
+		var stdout, stderr bytes.Buffer
+		cmd := exec.Command(bin, c.args...)
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		cmd.Run()
+		out := stderr.String()
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		if code := cmd.ProcessState.ExitCode(); code != c.code || stdout.Len() != 0 {
+			t.Errorf("weightfs %q: exit %d, stdout %q; want exit %d and nothing on stdout", c.args, code, stdout.String(), c.code)
 		}
-		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-		if !strings.Contains(string(out), c.want) || (c.want != "Usage" && len(lines) != 1) {
-			t.Errorf("weightfs %v printed %q; want one line containing %q", c.args, out, c.want)
+		if !strings.Contains(out, c.want) || (c.want != "Usage:" && (len(lines) != 1 || !strings.HasPrefix(out, "weightfs: ") ||
+			strings.Contains(out, "weightfs: weightfs"))) {
+			t.Errorf("weightfs %q printed %q; want one line with one prefix containing %q", c.args, out, c.want)
 		}
 	}
 }
+
+// TestDaemonJSONLogs: with --log-format json every line the daemon writes,
+// on stdout and stderr, is one JSON object: mount, loads (one failing),
+// go-fuse's own log (--debug), shutdown on SIGTERM.
+func TestDaemonJSONLogs(t *testing.T) {
+	requireFUSE(t)
+	bad := t.TempDir()
+	writeFile(t, filepath.Join(bad, "model.safetensors"), "not a safetensors file")
+	mnt := t.TempDir()
+	var stdout, stderr syncBuffer
+	cmd := exec.Command(daemonBinary(t), "mount", mnt, "--log-format", "json", "--demo", "--model", "bad="+bad,
+		"--debug", "--socket", filepath.Join(t.TempDir(), "control.sock"))
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	must(t, cmd.Start())
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	t.Cleanup(func() { cmd.Process.Kill() })
+	deadline := time.Now().Add(60 * time.Second)
+	for !strings.Contains(stderr.String(), `"msg":"serving"`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no serving record:\n%s%s", stdout.String(), stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	mustRead(t, filepath.Join(mnt, "demo", "config.json"))
+	must(t, cmd.Process.Signal(syscall.SIGTERM))
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("daemon exited with %v after SIGTERM", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("daemon did not exit on SIGTERM")
+	}
+	records := map[string]int{}
+	for name, out := range map[string]string{"stdout": stdout.String(), "stderr": stderr.String()} {
+		for _, line := range strings.Split(strings.TrimSuffix(out, "\n"), "\n") {
+			var rec struct{ Msg, Logger string }
+			if line == "" && out == "" {
+				continue
+			}
+			if err := json.Unmarshal([]byte(line), &rec); err != nil {
+				t.Errorf("%s line is not one JSON object: %q", name, line)
+			}
+			records[rec.Msg]++
+			if rec.Logger == "log" {
+				records["go-fuse"]++
+			}
+		}
+	}
+	for _, msg := range []string{"loaded", "load failed", "serving", "unmounted", "go-fuse"} {
+		if records[msg] == 0 {
+			t.Errorf("no %q record in the daemon's output:\n%s", msg, stderr.String())
+		}
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a process's writes and our reads.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+func (b *syncBuffer) String() string { b.mu.Lock(); defer b.mu.Unlock(); return b.b.String() }

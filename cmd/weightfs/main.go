@@ -3,78 +3,106 @@
 package main
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
+	"runtime"
+	"runtime/debug"
+	"strings"
 
-	"github.com/spf13/pflag"
+	"github.com/weightfs/weightfs/store"
 )
 
-const usage = `weightfs keeps LLM weights resident in memory and mounts them read-only.
-
-Usage:
-  weightfs mount MOUNTPOINT [--model NAME=PATH]... [--gpu ID]... [--demo] [flags]
-  weightfs load NAME PATH          load a model folder as the next version of NAME
-  weightfs unload NAME [--version N]
-  weightfs ls                      models and versions
-  weightfs status                  memory, GPUs, versions, loads in progress
-  weightfs verify NAME [--version N]  compare what is served with its source
-  weightfs help
-
-Client commands take --socket PATH (default: $WEIGHTFS_SOCKET, /run/weightfs/weightfs.sock
-for root) and --json. Run "weightfs COMMAND --help" for a command's flags.
-`
-
-// usageError is a mistake on the command line: one line, exit status 2.
-type usageError struct{ msg string }
-
-func (e *usageError) Error() string { return e.msg }
-
-func usagef(format string, args ...any) error {
-	return &usageError{msg: fmt.Sprintf(format, args...)}
-}
+// version is stamped at link time by `make build` (-X main.version=…).
+var version string
 
 func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
+// usageError is a mistake on the command line: exit status 2.
+type usageError struct{ error }
+
+func (e usageError) Unwrap() error { return e.error }
+
+func usagef(format string, args ...any) error {
+	return usageError{fmt.Errorf(format, args...)}
+}
+
+// exitCode ends a command with a status and nothing more to say.
+type exitCode int
+
+func (c exitCode) Error() string { return fmt.Sprintf("exit status %d", int(c)) }
+
+// run executes the command line args and returns the exit status: 0, 1 for
+// a failure, 2 for a mistake on the command line. An error is one line on
+// stderr, a JSON record with --log-format json.
 func run(args []string, stdout, stderr io.Writer) int {
-	if len(args) == 0 {
-		fmt.Fprint(stderr, usage)
-		return 2
-	}
-	var err error
-	switch args[0] {
-	case "mount":
-		err = runMount(args[1:], stdout, stderr)
-	case "load":
-		err = runLoad(args[1:], stdout, stderr)
-	case "unload":
-		err = runUnload(args[1:], stdout, stderr)
-	case "ls", "list":
-		err = runList(args[1:], stdout, stderr)
-	case "status":
-		err = runStatus(args[1:], stdout, stderr)
-	case "verify":
-		err = runVerify(args[1:], stdout, stderr)
-	case "help", "-h", "--help":
-		fmt.Fprint(stdout, usage)
-		return 0
-	default:
-		err = usagef("unknown command %q (try: weightfs help)", args[0])
-	}
-	var ue *usageError
+	a := &app{stdout: stdout, stderr: stderr}
+	root := a.commands()
+	root.SetArgs(args)
+	err := root.Execute()
+	var code exitCode
 	switch {
 	case err == nil:
 		return 0
-	case errors.Is(err, pflag.ErrHelp):
-		return 0
-	case errors.As(err, &ue):
-		fmt.Fprintf(stderr, "weightfs: %v\n", err)
-		return 2
-	default:
-		fmt.Fprintf(stderr, "weightfs: %v\n", err)
-		return 1
+	case errors.As(err, &code):
+		return int(code)
 	}
+	status := 1
+	if errors.As(err, new(usageError)) || !a.started {
+		status = 2
+	}
+	msg, attrs := explain(err)
+	if a.logFormat == "json" || jsonLogsAsked(args) {
+		slog.New(slog.NewJSONHandler(stderr, nil)).Error(msg, append(attrs, "exit", status)...)
+	} else {
+		fmt.Fprintf(stderr, "weightfs: %s\n", strings.Join(strings.Fields(msg), " "))
+	}
+	return status
+}
+
+// jsonLogsAsked finds --log-format json in args whose parsing failed.
+func jsonLogsAsked(args []string) bool {
+	s := " " + strings.Join(args, " ") + " "
+	return strings.Contains(s, " --log-format=json ") || strings.Contains(s, " --log-format json ")
+}
+
+// explain words an error for the person who ran the command, naming the
+// daemon's flag that refused a load.
+func explain(err error) (string, []any) {
+	var be *store.BudgetError
+	if !errors.As(err, &be) {
+		return err.Error(), nil
+	}
+	flag, where := "--host-memory", "host memory"
+	if be.Tier == store.TierGPU {
+		flag, where = "--gpu-memory", "GPU memory on "+be.GPU
+	}
+	msg := fmt.Sprintf("load %s from %s: needs %s of %s, only %s is free of the daemon's %s budget of %s",
+		be.Model, be.Source, store.HumanBytes(be.Need), where, store.HumanBytes(be.Free), flag, store.HumanBytes(be.Budget))
+	return msg, []any{"flag", flag, "tier", be.Tier, "gpu", be.GPU, "need", be.Need, "free", be.Free, "budget", be.Budget}
+}
+
+// versionText is what --version prints: the version stamped by make build,
+// the module, and the commit the binary was built from.
+func versionText() string {
+	v, module, commit := version, "(unknown)", "unknown (built without VCS stamping)"
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		module = bi.Main.Path + " " + bi.Main.Version
+		s := map[string]string{}
+		for _, kv := range bi.Settings {
+			s[kv.Key] = kv.Value
+		}
+		if commit = s["vcs.revision"] + " " + s["vcs.time"]; s["vcs.revision"] == "" {
+			commit = "unknown (built without VCS stamping)"
+		} else if s["vcs.modified"] == "true" {
+			commit += " (dirty)"
+		}
+	}
+	return fmt.Sprintf("weightfs %s\nmodule:  %s\ncommit:  %s\ngo:      %s %s/%s\n",
+		cmp.Or(v, "dev"), module, commit, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 }

@@ -1,0 +1,63 @@
+package store
+
+import (
+	"log/slog"
+)
+
+// Config is how a daemon sets up its store: the flags of `weightfs mount`.
+type Config struct {
+	Logger *slog.Logger
+	// GPUs are the --gpu devices: CUDA ordinals or UUIDs.
+	GPUs []string
+	// HostMemory is the --host-memory budget: a size or a percentage of
+	// the machine's RAM ("": none).
+	HostMemory string
+	// GPUMemory is the --gpu-memory budget on each GPU: a size or a
+	// percentage of the smallest GPU's memory ("": none).
+	GPUMemory string
+}
+
+// Open sets up a daemon's store: its host memory (a huge-page tmpfs, or
+// memfds with a warning), its GPUs (none, with a warning, without a CUDA
+// driver) and its budgets, checked against the machine. A budget or a GPU
+// the machine cannot honour is an ErrInvalid error that names the flag.
+// closeAll closes the store, then the GPUs.
+func Open(cfg Config) (st *Store, closeAll func(), err error) {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	var budgets Budgets
+	if cfg.HostMemory != "" {
+		total, err := HostMemory()
+		if err != nil {
+			return nil, nil, err
+		}
+		if budgets.Host, err = ParseBudget(cfg.HostMemory, total, "the machine's RAM"); err != nil {
+			return nil, nil, errorf(ErrInvalid, "--host-memory %w", err)
+		}
+	}
+	if cfg.GPUMemory != "" && len(cfg.GPUs) == 0 {
+		return nil, nil, errorf(ErrInvalid, "--gpu-memory needs --gpu")
+	}
+	gpus, closeGPUs, err := OpenDevices(cfg.GPUs, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	if total, of := gpus.SmallestMemory(); cfg.GPUMemory != "" && total > 0 {
+		if budgets.GPU, err = ParseBudget(cfg.GPUMemory, total, of); err != nil {
+			closeGPUs()
+			return nil, nil, errorf(ErrInvalid, "--gpu-memory %w", err)
+		}
+	}
+	arena, err := OpenArena(0)
+	if err != nil {
+		closeGPUs()
+		return nil, nil, err
+	}
+	if arena.Kind() != "tmpfs" {
+		log.Warn("host images in memfd without huge pages; mmap readers will be slower", "reason", arena.FallbackReason())
+	}
+	st = New(arena, Options{Logger: log, GPUs: gpus, Budgets: budgets})
+	return st, func() { st.Close(); closeGPUs() }, nil
+}

@@ -1,0 +1,41 @@
+package store
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+)
+
+// ParseModelSpec reads a "NAME=PATH" model spec (`weightfs mount --model`):
+// a valid model name and an existing folder. Its errors are ErrInvalid and
+// start with the spec or the name.
+func ParseModelSpec(spec string) (name, path string, err error) {
+	name, path, ok := strings.Cut(spec, "=")
+	if !ok || path == "" {
+		return "", "", errorf(ErrInvalid, "%q: want NAME=PATH", spec)
+	}
+	if err := ValidateModelName(name); err != nil {
+		return "", "", errorf(ErrInvalid, "%q: %w", spec, err)
+	}
+	if err := CheckDir(path); err != nil {
+		return "", "", errorf(ErrInvalid, "%s: %w", name, err)
+	}
+	return name, path, nil
+}
+
+// CheckDir says whether path is a folder, in one short line:
+// "PATH: no such file or directory", "PATH is not a directory".
+func CheckDir(path string) error {
+	st, err := os.Stat(path)
+	var pe *os.PathError
+	switch {
+	case errors.As(err, &pe):
+		return fmt.Errorf("%s: %w", pe.Path, pe.Err)
+	case err != nil:
+		return err
+	case !st.IsDir():
+		return fmt.Errorf("%s is not a directory", path)
+	}
+	return nil
+}
