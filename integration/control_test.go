@@ -21,78 +21,17 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/weightfs/weightfs/store"
+	"github.com/weightfs/weightfs/store/control"
 )
 
 // The control plane, driven only through the weightfs binary: load, unload,
 // ls, status, verify, budgets, metrics and the socket's permissions
 // (docs/CONTROL.md).
 
-// JSON as the client commands print it.
-type versionInfo struct {
-	Name          string   `json:"name"`
-	Model         string   `json:"model"`
-	Number        int      `json:"number"`
-	State         string   `json:"state"`
-	Current       bool     `json:"current"`
-	Files         int      `json:"files"`
-	Bytes         int64    `json:"bytes"`
-	Residency     []string `json:"residency"`
-	OpenFiles     int      `json:"open_files"`
-	HandleHolders []int    `json:"handle_holders"`
-	LoadedAt      string   `json:"loaded_at"`
-	LoadSeconds   float64  `json:"load_seconds"`
-	LoadRate      float64  `json:"load_bytes_per_second"`
-	Source        string   `json:"source"`
-}
-
-type modelInfo struct {
-	Name     string        `json:"name"`
-	Current  int           `json:"current"`
-	Versions []versionInfo `json:"versions"`
-}
-
-type listInfo struct {
-	Models   []modelInfo   `json:"models"`
-	Draining []versionInfo `json:"draining"`
-}
-
-type statusInfo struct {
-	Mountpoint string `json:"mountpoint"`
-	ReadMode   string `json:"read_mode"`
-	Host       struct {
-		Bytes    int64  `json:"bytes"`
-		Reserved int64  `json:"reserved"`
-		Budget   int64  `json:"budget"`
-		Arena    string `json:"arena"`
-	} `json:"host"`
-	GPUs     []json.RawMessage `json:"gpus"`
-	Models   []modelInfo       `json:"models"`
-	Draining []versionInfo     `json:"draining"`
-	Loads    []struct {
-		Name   string `json:"name"`
-		Source string `json:"source"`
-		Done   int64  `json:"done"`
-		Total  int64  `json:"total"`
-	} `json:"loads"`
-	Requests       map[string]uint64 `json:"requests"`
-	DaemonReads    uint64            `json:"daemon_reads"`
-	HandleRequests uint64            `json:"handle_requests"`
-	HandleDenials  uint64            `json:"handle_denials"`
-}
-
-type verifyInfo struct {
-	Version string `json:"version"`
-	OK      bool   `json:"ok"`
-	Files   []struct {
-		Path         string `json:"path"`
-		OK           bool   `json:"ok"`
-		Problem      string `json:"problem"`
-		SHA256       string `json:"sha256"`
-		SourceSHA256 string `json:"source_sha256"`
-	} `json:"files"`
-}
-
-func (l listInfo) model(name string) *modelInfo {
+// findModel is the model of that name in a listing, or nil.
+func findModel(l control.List, name string) *control.Model {
 	for i := range l.Models {
 		if l.Models[i].Name == name {
 			return &l.Models[i]
@@ -101,7 +40,8 @@ func (l listInfo) model(name string) *modelInfo {
 	return nil
 }
 
-func (l listInfo) names() []string {
+// modelNames are the names of a listing's models.
+func modelNames(l control.List) []string {
 	var out []string
 	for _, m := range l.Models {
 		out = append(out, m.Name)
@@ -224,26 +164,24 @@ func (c *controlDaemon) jsonOut(t testing.TB, v any, args ...string) {
 	}
 }
 
-func (c *controlDaemon) list(t testing.TB) listInfo {
+func (c *controlDaemon) list(t testing.TB) control.List {
 	t.Helper()
-	var l listInfo
+	var l control.List
 	c.jsonOut(t, &l, "ls")
 	return l
 }
 
-func (c *controlDaemon) status(t testing.TB) statusInfo {
+func (c *controlDaemon) status(t testing.TB) control.Status {
 	t.Helper()
-	var s statusInfo
+	var s control.Status
 	c.jsonOut(t, &s, "status")
 	return s
 }
 
 // load loads a folder as the next version of name and returns it.
-func (c *controlDaemon) load(t testing.TB, name, dir string) versionInfo {
+func (c *controlDaemon) load(t testing.TB, name, dir string) control.Version {
 	t.Helper()
-	var out struct {
-		Version *versionInfo `json:"version"`
-	}
+	var out control.LoadEvent // {"version": …}
 	c.jsonOut(t, &out, "load", name, dir)
 	if out.Version == nil {
 		t.Fatalf("weightfs load %s --json: no version in the answer", name)
@@ -265,7 +203,7 @@ func modelSize(t testing.TB, dir string) (files int, size int64) {
 }
 
 // checkVersion compares a listed version with its source folder.
-func checkVersion(t testing.TB, v versionInfo, name string, number int, current bool, src string) {
+func checkVersion(t testing.TB, v control.Version, name string, number int, current bool, src string) {
 	t.Helper()
 	files, size := modelSize(t, src)
 	want := fmt.Sprintf("%s@%d", name, number)
@@ -415,11 +353,11 @@ func TestControlLoadListRead(t *testing.T) {
 	checkVersion(t, c.load(t, "b", srcB), "b", 1, true, srcB)
 
 	l := c.list(t)
-	if got := l.names(); !reflect.DeepEqual(got, []string{"a", "b"}) {
+	if got := modelNames(l); !reflect.DeepEqual(got, []string{"a", "b"}) {
 		t.Fatalf("ls --json lists %v, want [a b]", got)
 	}
 	for _, x := range []struct{ name, src string }{{"a", srcA}, {"b", srcB}} {
-		m := l.model(x.name)
+		m := findModel(l, x.name)
 		if m.Current != 1 || len(m.Versions) != 1 {
 			t.Errorf("%s: current %d, %d versions; want current 1 of 1", x.name, m.Current, len(m.Versions))
 			continue
@@ -502,13 +440,14 @@ polling:
 	if st := c.status(t); len(st.Loads) != 0 || st.Host.Reserved != 0 {
 		t.Errorf("after the load: loads %+v, host reserved %d; want none, 0", st.Loads, st.Host.Reserved)
 	}
-	var bigV struct {
-		Version versionInfo `json:"version"`
-	}
+	var bigV control.LoadEvent
 	must(t, json.Unmarshal(bigOut.Bytes(), &bigV))
-	checkVersion(t, bigV.Version, "c", 1, true, srcC)
+	if bigV.Version == nil {
+		t.Fatalf("weightfs load c --json: no version in %s", bigOut.String())
+	}
+	checkVersion(t, *bigV.Version, "c", 1, true, srcC)
 	l = c.list(t)
-	if got := l.names(); !reflect.DeepEqual(got, []string{"a", "b", "c"}) {
+	if got := modelNames(l); !reflect.DeepEqual(got, []string{"a", "b", "c"}) {
 		t.Fatalf("after loading c, ls --json lists %v, want [a b c]", got)
 	}
 	readModel(t, c.mnt, "c", srcC)
@@ -524,7 +463,7 @@ polling:
 	readModel(t, c.mnt, "a", srcA)
 	readModel(t, c.mnt, "a@1", srcA)
 	l = c.list(t)
-	if m := l.model("a"); m == nil || m.Current != 2 || len(m.Versions) != 2 {
+	if m := findModel(l, "a"); m == nil || m.Current != 2 || len(m.Versions) != 2 {
 		t.Errorf("a after a second load: %+v; want current 2 of versions 1 and 2", m)
 	} else {
 		checkVersion(t, m.Versions[0], "a", 1, false, srcA)
@@ -534,7 +473,7 @@ polling:
 	// status --json and .weightfs/status.json agree with ls --json.
 	statusOut := c.ok(t, "status", "--json")
 	checkStatusSchema(t, "status --json", []byte(statusOut))
-	var st statusInfo
+	var st control.Status
 	must(t, json.Unmarshal([]byte(statusOut), &st))
 	if !reflect.DeepEqual(st.Models, l.Models) {
 		t.Errorf("status --json models differ from ls --json:\n%+v\n%+v", st.Models, l.Models)
@@ -556,7 +495,7 @@ polling:
 	}
 	file := mustRead(t, filepath.Join(c.mnt, ".weightfs", "status.json"))
 	checkStatusSchema(t, ".weightfs/status.json", file)
-	var fileSt statusInfo
+	var fileSt control.Status
 	must(t, json.Unmarshal(file, &fileSt))
 	if !reflect.DeepEqual(fileSt.Models, l.Models) || fileSt.Mountpoint != c.mnt || fileSt.Host.Bytes != total {
 		t.Errorf(".weightfs/status.json differs from ls --json:\n%s", file)
@@ -593,9 +532,7 @@ func TestControlUnloadWhileOpen(t *testing.T) {
 	_, err = io.ReadFull(f, head)
 	must(t, err)
 
-	var un struct {
-		Unloaded []versionInfo `json:"unloaded"`
-	}
+	var un control.Unloaded
 	c.jsonOut(t, &un, "unload", "m")
 	if len(un.Unloaded) != 1 || un.Unloaded[0].Name != "m@1" || un.Unloaded[0].State != "draining" || un.Unloaded[0].OpenFiles < 1 {
 		t.Errorf("unload m --json: %+v; want m@1 draining with an open file", un.Unloaded)
@@ -620,7 +557,7 @@ func TestControlUnloadWhileOpen(t *testing.T) {
 	}
 
 	// Listed as draining with its open file; its memory is still counted.
-	checkDraining := func(what string, models []modelInfo, draining []versionInfo) {
+	checkDraining := func(what string, models []control.Model, draining []control.Version) {
 		t.Helper()
 		for _, m := range models {
 			if m.Name == "m" {
@@ -661,7 +598,7 @@ func TestControlUnloadWhileOpen(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	if l := c.list(t); len(l.Draining) != 0 || !reflect.DeepEqual(l.names(), []string{"keep"}) {
+	if l := c.list(t); len(l.Draining) != 0 || !reflect.DeepEqual(modelNames(l), []string{"keep"}) {
 		t.Errorf("after m@1 was freed, ls --json: %+v", l)
 	}
 	readModel(t, c.mnt, "keep", srcKeep)
@@ -677,7 +614,7 @@ func TestControlUnloadWhileOpen(t *testing.T) {
 		t.Errorf("lstat n@1 after unloading it: %v, want ENOENT", err)
 	}
 	readModel(t, c.mnt, "n", srcKeep)
-	if m := c.list(t).model("n"); m == nil || m.Current != 2 || len(m.Versions) != 1 || m.Versions[0].Number != 2 || !m.Versions[0].Current {
+	if m := findModel(c.list(t), "n"); m == nil || m.Current != 2 || len(m.Versions) != 1 || m.Versions[0].Number != 2 || !m.Versions[0].Current {
 		t.Errorf("n after unloading version 1: %+v; want only n@2, current", m)
 	}
 
@@ -697,7 +634,7 @@ func TestControlUnloadWhileOpen(t *testing.T) {
 			}
 		}
 	}
-	if m := c.list(t).model("n"); m == nil || m.Current != 2 {
+	if m := findModel(c.list(t), "n"); m == nil || m.Current != 2 {
 		t.Errorf("failed unloads changed n: %+v", m)
 	}
 }
@@ -755,10 +692,21 @@ func TestControlBudget(t *testing.T) {
 	c.load(t, "a", srcA)
 	before := c.list(t)
 	line := c.fail(t, 1, "load", "b", srcB)
-	for _, want := range []string{"--host-memory", "needs", "free"} {
+	// The flag's name (--host-memory) is the command line's to add.
+	for _, want := range []string{"host memory", "needs", "free"} {
 		if !strings.Contains(line, want) {
 			t.Errorf("refused load: %q does not mention %q", line, want)
 		}
+	}
+	// The same refusal through the Go client: 507 with the numbers.
+	_, err := control.NewClient(c.sock).Load(context.Background(), "b", srcB, nil)
+	var ce *control.Error
+	var be *store.BudgetError
+	if !errors.As(err, &ce) || ce.Status != http.StatusInsufficientStorage || !errors.Is(err, store.ErrNoMemory) || !errors.As(err, &be) {
+		t.Fatalf("over-budget load through control.Client: %v; want a 507 *control.Error with a *store.BudgetError", err)
+	}
+	if abs, _ := filepath.Abs(srcB); be.Tier != store.TierHost || be.Need != sizeB || be.Budget != budget || be.Free != budget-sizeA || be.Source != abs {
+		t.Errorf("budget refusal %+v; want host, need %d, free %d of %d, from %s", be, sizeB, budget-sizeA, budget, abs)
 	}
 	if after := c.list(t); !reflect.DeepEqual(after, before) {
 		t.Errorf("a refused load changed ls --json:\n%+v\n%+v", before, after)
@@ -794,7 +742,7 @@ func TestControlVerify(t *testing.T) {
 	if !strings.Contains(out, "v@1") {
 		t.Errorf("weightfs verify v printed %q, want it to name v@1", out)
 	}
-	var vr verifyInfo
+	var vr control.Verified
 	c.jsonOut(t, &vr, "verify", "v")
 	if !vr.OK || vr.Version != "v@1" || len(vr.Files) != len(files) {
 		t.Fatalf("verify --json of an unchanged model: %+v; want v@1 ok with %d files", vr, len(files))
@@ -828,7 +776,7 @@ func TestControlVerify(t *testing.T) {
 		if code != 1 {
 			t.Errorf("verify --json: exit status %d, want 1", code)
 		}
-		var vr verifyInfo
+		var vr control.Verified
 		if err := json.Unmarshal([]byte(out), &vr); err != nil {
 			t.Fatalf("verify --json: %v:\n%s%s", err, out, errOut)
 		}

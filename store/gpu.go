@@ -35,7 +35,8 @@ func (g *GPU) MemInfo() (free, total uint64, err error) { return g.ctx.MemInfo()
 // copyStreams is how many streams share one device's uploads.
 const copyStreams = 2
 
-// OpenGPUs resolves ids (CUDA ordinals or UUIDs) and prepares each device.
+// OpenGPUs resolves ids (CUDA ordinals or UUIDs) and prepares each device. An
+// id that names no device is ErrInvalid; the caller names its flag.
 func OpenGPUs(driver *cuda.Driver, ids []string) (*GPUs, error) {
 	g := &GPUs{}
 	seen := map[string]bool{}
@@ -43,7 +44,7 @@ func OpenGPUs(driver *cuda.Driver, ids []string) (*GPUs, error) {
 		dev, err := driver.Find(id)
 		if err != nil {
 			g.Close()
-			return nil, fmt.Errorf("--gpu %s: %w", id, err)
+			return nil, errorf(ErrInvalid, "GPU %q: %w", id, err)
 		}
 		if seen[dev.UUID] {
 			continue
@@ -214,7 +215,7 @@ func checkGPUMemory(g *GPUs, need int64, what string) error {
 		}
 	}
 	if len(short) > 0 {
-		return fmt.Errorf("not enough GPU memory for %s: %s", what, strings.Join(short, "; "))
+		return errorf(ErrNoMemory, "not enough GPU memory for %s: %s", what, strings.Join(short, "; "))
 	}
 	return nil
 }

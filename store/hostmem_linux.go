@@ -85,7 +85,7 @@ func (a *Arena) Close() error {
 // writable into the daemon.
 func (a *Arena) NewBuffer(name string, size int64) (*Buffer, error) {
 	if size < 0 {
-		return nil, fmt.Errorf("buffer %s: negative size %d", name, size)
+		return nil, errorf(ErrInvalid, "buffer %s: negative size %d", name, size)
 	}
 	var fd int
 	var err error
@@ -112,12 +112,12 @@ func (a *Arena) NewBuffer(name string, size int64) (*Buffer, error) {
 		// memory says so here rather than with SIGBUS in the middle of a copy.
 		if err := unix.Fallocate(fd, 0, 0, size); err != nil {
 			f.Close()
-			return nil, fmt.Errorf("allocate %d bytes of host memory for %s: %w", size, name, err)
+			return nil, memError(err, "allocate %d bytes of host memory for %s: %w", size, name, err)
 		}
 		mem, err := unix.Mmap(fd, 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 		if err != nil {
 			f.Close()
-			return nil, fmt.Errorf("map host image for %s (%d bytes): %w", name, size, err)
+			return nil, memError(err, "map host image for %s (%d bytes): %w", name, size, err)
 		}
 		if a.kind == "memfd" {
 			// Honoured only where shmem THP is "advise"; harmless elsewhere.
@@ -126,6 +126,15 @@ func (a *Arena) NewBuffer(name string, size int64) (*Buffer, error) {
 		b.mem = mem
 	}
 	return b, nil
+}
+
+// memError is an allocation failure: ErrNoMemory when the machine is out of
+// memory (or the tmpfs is full), a plain error otherwise.
+func memError(err error, format string, args ...any) error {
+	if errors.Is(err, unix.ENOMEM) || errors.Is(err, unix.ENOSPC) {
+		return errorf(ErrNoMemory, format, args...)
+	}
+	return fmt.Errorf(format, args...)
 }
 
 // Buffer is one host image: a memory-backed file and the daemon's mapping of

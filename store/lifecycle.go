@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -31,7 +32,6 @@ type versionUse struct {
 	holders  map[int]bool // pids that received CUDA handles
 	draining bool
 	freed    bool
-	since    time.Time // when it started draining
 }
 
 // Acquire records an open file of the version. It fails once the version has
@@ -54,7 +54,7 @@ func (v *Version) Release() {
 	done := v.use.draining && v.use.open == 0
 	v.use.mu.Unlock()
 	if done && v.store != nil {
-		v.store.reap()
+		v.store.reap(v)
 	}
 }
 
@@ -81,7 +81,8 @@ func (v *Version) OpenFiles() int {
 	return v.use.open
 }
 
-// HandleHolders are the live processes that were handed GPU handles.
+// HandleHolders are the live processes that were handed GPU handles. Reading
+// them forgets nothing: the reaper (Store.Run) does.
 func (v *Version) HandleHolders() []int {
 	v.use.mu.Lock()
 	defer v.use.mu.Unlock()
@@ -171,13 +172,20 @@ func (v *Version) idle() bool {
 // model from the mount at once. Each one's memory is freed as soon as no file
 // of it is open and no process that was handed its GPU handles is alive; until
 // then it is listed as draining. If the current version goes, the newest
-// remaining one becomes current.
+// remaining one becomes current. An unknown model or version is ErrNotFound.
 func (s *Store) Unload(name string, number int) ([]*Version, error) {
+	if err := checkVersionRequest("unload", name, number); err != nil {
+		return nil, err
+	}
 	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil, errorf(ErrBusy, "unload %s: the store is closed", name)
+	}
 	m := s.models[name]
 	if m == nil {
 		s.mu.Unlock()
-		return nil, fmt.Errorf("unload %s: no such model", name)
+		return nil, errorf(ErrNotFound, "unload %s: no such model", name)
 	}
 	m.mu.Lock()
 	var gone, kept []*Version
@@ -191,7 +199,7 @@ func (s *Store) Unload(name string, number int) ([]*Version, error) {
 	if len(gone) == 0 {
 		m.mu.Unlock()
 		s.mu.Unlock()
-		return nil, fmt.Errorf("unload %s: no version %d (versions: %s)", name, number, versionList(m.versions))
+		return nil, errorf(ErrNotFound, "unload %s: no version %d (versions: %s)", name, number, versionList(m.versions))
 	}
 	m.versions = kept
 	m.current = nil
@@ -205,7 +213,6 @@ func (s *Store) Unload(name string, number int) ([]*Version, error) {
 	for _, v := range gone {
 		v.use.mu.Lock()
 		v.use.draining = true
-		v.use.since = time.Now()
 		v.use.mu.Unlock()
 		s.draining = append(s.draining, v)
 	}
@@ -218,8 +225,19 @@ func (s *Store) Unload(name string, number int) ([]*Version, error) {
 			h(v)
 		}
 	}
-	s.reap()
+	s.reap(gone...)
 	return gone, nil
+}
+
+// checkVersionRequest checks the name and number of an unload or a verify.
+func checkVersionRequest(what, name string, number int) error {
+	if err := ValidateModelName(name); err != nil {
+		return fmt.Errorf("%s: %w", what, err)
+	}
+	if number < 0 {
+		return errorf(ErrInvalid, "%s %s: version %d: want 0 or a version number", what, name, number)
+	}
+	return nil
 }
 
 func versionList(vs []*Version) string {
@@ -244,21 +262,24 @@ func (s *Store) OnRemove(f func(*Version)) {
 	s.onRemove = append(s.onRemove, f)
 }
 
-// Draining lists unloaded versions whose memory is still in use.
+// Draining lists unloaded versions whose memory is not freed yet: still in
+// use, or whose last handle holder exited and the reaper has not run since.
+// It frees nothing.
 func (s *Store) Draining() []*Version {
-	s.reap()
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	return append([]*Version(nil), s.draining...)
 }
 
-// reap frees every draining version nothing uses any more.
-func (s *Store) reap() {
+// reap frees the draining versions among only (every draining version when
+// only is empty) that nothing uses any more. It runs on the events that end a
+// use: an unload, the last release of a draining version, the reaper's tick.
+func (s *Store) reap(only ...*Version) {
 	s.mu.Lock()
 	var free, keep []*Version
 	for _, v := range s.draining {
 		v.use.mu.Lock()
-		if v.idle() {
+		if (len(only) == 0 || slices.Contains(only, v)) && v.idle() {
 			v.use.freed = true
 			free = append(free, v)
 		} else {
@@ -278,7 +299,7 @@ func (s *Store) reap() {
 }
 
 // Run re-checks draining versions held by processes until ctx ends: their
-// exit is noticed nowhere else.
+// exit is noticed nowhere else (reads such as Usage and Draining free nothing).
 func (s *Store) Run(ctx context.Context, every time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
@@ -316,9 +337,8 @@ type GPUUsage struct {
 }
 
 // Usage sums up memory in use (ready and draining versions) and reserved by
-// loads in progress.
+// loads in progress. It frees nothing.
 func (s *Store) Usage() Usage {
-	s.reap()
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	host, perGPU := s.residentLocked()
@@ -356,22 +376,25 @@ func (s *Store) allVersionsLocked() []*Version {
 // reservation is memory promised to a load in progress.
 type reservation struct{ host, gpu int64 }
 
-// reserve admits a load of host bytes (and gpu bytes on every GPU) or says
-// what is needed and what is free. Nothing already loaded is touched.
+// reserve admits a load of host bytes (and gpu bytes on every GPU) or says,
+// in a *BudgetError, what is needed and what is free. Nothing already loaded
+// is touched.
 func (s *Store) reserve(name, dir string, host, gpu int64) (release func(), err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.closed {
+		return nil, errorf(ErrBusy, "load %s: the store is closed", name)
+	}
 	usedHost, usedGPU := s.residentLocked()
 	if b := s.budgets.Host; b > 0 && usedHost+s.reserved.host+host > b {
-		free := max(0, b-usedHost-s.reserved.host)
-		return nil, fmt.Errorf("load %s from %s: needs %s of host memory, %s free of the %s budget (--host-memory)",
-			name, dir, HumanBytes(host), HumanBytes(free), HumanBytes(b))
+		return nil, &BudgetError{Model: name, Source: dir, Tier: TierHost,
+			Need: host, Free: max(0, b-usedHost-s.reserved.host), Budget: b}
 	}
 	if b := s.budgets.GPU; b > 0 && gpu > 0 {
 		for _, g := range s.gpus.List() {
 			if used := usedGPU[g.UUID()] + s.reserved.gpu; used+gpu > b {
-				return nil, fmt.Errorf("load %s from %s: needs %s of GPU memory on %s, %s free of the %s budget (--gpu-memory)",
-					name, dir, HumanBytes(gpu), g.UUID(), HumanBytes(max(0, b-used)), HumanBytes(b))
+				return nil, &BudgetError{Model: name, Source: dir, Tier: TierGPU, GPU: g.UUID(),
+					Need: gpu, Free: max(0, b-used), Budget: b}
 			}
 		}
 	}
@@ -435,24 +458,32 @@ type FileCheck struct {
 }
 
 // Verify re-reads the source of every file of a version (0: the current one)
-// and compares its checksum with the bytes served.
+// and compares its checksum with the bytes served. An unknown model or
+// version is ErrNotFound; a source that differs is not an error but a check
+// that is not OK.
 func (s *Store) Verify(ctx context.Context, name string, number int) (*Version, []FileCheck, error) {
+	if err := checkVersionRequest("verify", name, number); err != nil {
+		return nil, nil, err
+	}
+	if err := s.checkOpen("verify " + name); err != nil {
+		return nil, nil, err
+	}
 	m := s.Model(name)
 	if m == nil {
-		return nil, nil, fmt.Errorf("verify %s: no such model", name)
+		return nil, nil, errorf(ErrNotFound, "verify %s: no such model", name)
 	}
 	v := m.Current()
 	if number > 0 {
 		v = m.Version(number)
 	}
 	if v == nil || !v.Acquire() {
-		return nil, nil, fmt.Errorf("verify %s: no version %d", name, number)
+		return nil, nil, errorf(ErrNotFound, "verify %s: no version %d (versions: %s)", name, number, versionList(m.Versions()))
 	}
 	defer v.Release()
 	var checks []FileCheck
 	for _, f := range v.files {
 		if err := ctx.Err(); err != nil {
-			return nil, nil, err
+			return nil, nil, fmt.Errorf("verify %s: %w", v.Name(), err)
 		}
 		c := FileCheck{Path: f.path, Source: f.source, Bytes: f.Size()}
 		sum := sha256.Sum256(f.Bytes())

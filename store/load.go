@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path"
@@ -20,9 +22,11 @@ import (
 
 // LoadOptions tune one load.
 type LoadOptions struct {
-	// Progress, if set, is called from the copying goroutines after every
-	// chunk with the bytes copied so far and the total. It must be cheap and
-	// safe for concurrent use.
+	// Progress, if set, is called once with 0 and the total when copying
+	// starts (a load refused before that calls it never: a bad name or
+	// folder, a malformed file, a budget), then from the copying goroutines
+	// after every chunk with the bytes copied so far and the total. It must
+	// be cheap and safe for concurrent use.
 	Progress func(done, total int64)
 	// Readers is the number of parallel reads (default 4).
 	Readers int
@@ -51,15 +55,20 @@ type sourceFile struct {
 // version of model name. A safetensors file is validated before anything is
 // copied; shards named by a *.safetensors.index.json must agree with it.
 // Nothing becomes visible unless every file loaded; errors name the file and
-// the problem.
+// the problem. A bad name or folder, a malformed file, an index disagreeing
+// with its shards and a source that changed while it was read are ErrInvalid;
+// a budget refusal is a *BudgetError (ErrNoMemory); a closed store is ErrBusy.
 func (s *Store) Load(ctx context.Context, name, dir string, opts LoadOptions) (*Version, error) {
 	if err := ValidateModelName(name); err != nil {
+		return nil, err
+	}
+	if err := s.checkOpen("load " + name); err != nil {
 		return nil, err
 	}
 	start := time.Now()
 	abs, err := filepath.Abs(dir)
 	if err != nil {
-		return nil, fmt.Errorf("model folder %s: %w", dir, err)
+		return nil, errorf(ErrInvalid, "model folder %s: %w", dir, err)
 	}
 	files, err := scanFolder(abs)
 	if err != nil {
@@ -76,6 +85,9 @@ func (s *Store) Load(ctx context.Context, name, dir string, opts LoadOptions) (*
 			gpuNeed += slabAllocSize(size)
 		}
 	}
+	// Versions that drained since the reaper last looked are freed first, so
+	// that their memory counts as free.
+	s.reap()
 	release, err := s.reserve(name, abs, hostNeed, gpuNeed)
 	if err != nil {
 		return nil, err
@@ -118,15 +130,15 @@ func (s *Store) Load(ctx context.Context, name, dir string, opts LoadOptions) (*
 func scanFolder(root string) ([]*sourceFile, error) {
 	st, err := os.Stat(root)
 	if err != nil {
-		return nil, fmt.Errorf("model folder %s: %w", root, err)
+		return nil, errorf(ErrInvalid, "model folder %s: %w", root, err)
 	}
 	if !st.IsDir() {
-		return nil, fmt.Errorf("model folder %s: not a directory", root)
+		return nil, errorf(ErrInvalid, "model folder %s: not a directory", root)
 	}
 	var files []*sourceFile
 	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
-			return fmt.Errorf("model folder %s: %w", root, err)
+			return errorf(ErrInvalid, "model folder %s: %w", root, err)
 		}
 		if p == root {
 			return nil
@@ -140,14 +152,14 @@ func scanFolder(root string) ([]*sourceFile, error) {
 		}
 		info, err := os.Stat(p) // follows symlinks into blobs/
 		if err != nil {
-			return fmt.Errorf("model file %s: %w", p, err)
+			return errorf(ErrInvalid, "model file %s: %w", p, err)
 		}
 		if !info.Mode().IsRegular() {
 			return nil
 		}
 		rel, err := filepath.Rel(root, p)
 		if err != nil {
-			return err
+			return errorf(ErrInvalid, "model file %s: %w", p, err)
 		}
 		files = append(files, &sourceFile{rel: filepath.ToSlash(rel), abs: p, size: info.Size()})
 		return nil
@@ -156,7 +168,7 @@ func scanFolder(root string) ([]*sourceFile, error) {
 		return nil, err
 	}
 	if len(files) == 0 {
-		return nil, fmt.Errorf("model folder %s: no files", root)
+		return nil, errorf(ErrInvalid, "model folder %s: no files", root)
 	}
 	for _, f := range files {
 		if !strings.HasSuffix(f.rel, ".safetensors") {
@@ -174,12 +186,12 @@ func scanFolder(root string) ([]*sourceFile, error) {
 func readHeader(file string, size int64) (*safetensors.Header, error) {
 	fh, err := os.Open(file)
 	if err != nil {
-		return nil, fmt.Errorf("load %s: %w", file, err)
+		return nil, errorf(ErrInvalid, "load %s: %w", file, err)
 	}
 	defer fh.Close()
 	h, err := safetensors.ReadHeader(fh, size)
 	if err != nil {
-		return nil, fmt.Errorf("load %s: %w", file, err)
+		return nil, errorf(ErrInvalid, "load %s: %w", file, err)
 	}
 	return h, nil
 }
@@ -202,14 +214,14 @@ func checkIndexes(root string, files []*sourceFile) error {
 		}
 		raw, err := os.ReadFile(idx.abs)
 		if err != nil {
-			return fmt.Errorf("load %s: %w", idx.abs, err)
+			return errorf(ErrInvalid, "load %s: %w", idx.abs, err)
 		}
 		var si shardIndex
 		if err := json.Unmarshal(raw, &si); err != nil {
-			return fmt.Errorf("load %s: index is not valid JSON: %w", idx.abs, err)
+			return errorf(ErrInvalid, "load %s: index is not valid JSON: %w", idx.abs, err)
 		}
 		if si.WeightMap == nil {
-			return fmt.Errorf("load %s: index has no weight_map", idx.abs)
+			return errorf(ErrInvalid, "load %s: index has no weight_map", idx.abs)
 		}
 		want := map[string]map[string]bool{} // shard → tensor names
 		for tensor, shard := range si.WeightMap {
@@ -228,18 +240,18 @@ func checkIndexes(root string, files []*sourceFile) error {
 			rel := path.Join(base, shard)
 			f := byRel[rel]
 			if f == nil || f.header == nil {
-				return fmt.Errorf("load %s: weight_map names shard %q, which is not a safetensors file in %s", idx.abs, shard, root)
+				return errorf(ErrInvalid, "load %s: weight_map names shard %q, which is not a safetensors file in %s", idx.abs, shard, root)
 			}
 			have := map[string]bool{}
 			for _, t := range f.header.Tensors {
 				have[t.Name] = true
 				if !want[shard][t.Name] {
-					return fmt.Errorf("load %s: shard %s holds tensor %q, which the weight_map does not map to it", idx.abs, shard, t.Name)
+					return errorf(ErrInvalid, "load %s: shard %s holds tensor %q, which the weight_map does not map to it", idx.abs, shard, t.Name)
 				}
 			}
 			for _, t := range sortedKeys(want[shard]) {
 				if !have[t] {
-					return fmt.Errorf("load %s: weight_map maps tensor %q to shard %s, which does not hold it", idx.abs, t, shard)
+					return errorf(ErrInvalid, "load %s: weight_map maps tensor %q to shard %s, which does not hold it", idx.abs, t, shard)
 				}
 			}
 		}
@@ -300,7 +312,7 @@ func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, gp
 	remaining := make([]atomic.Int64, len(files))
 	for i, f := range files {
 		if handles[i], err = os.Open(f.abs); err != nil {
-			return nil, fmt.Errorf("load %s: %w", f.abs, err)
+			return nil, errorf(ErrInvalid, "load %s: %w", f.abs, err)
 		}
 		if f.buf, err = s.arena.NewBuffer(f.rel, f.size); err != nil {
 			return nil, fmt.Errorf("load %s: %w", f.abs, err)
@@ -311,6 +323,10 @@ func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, gp
 		for off := int64(0); off < f.size; off += chunkSize {
 			chunks = append(chunks, chunk{file: i, off: off, n: min(chunkSize, f.size-off)})
 		}
+	}
+
+	if opts.Progress != nil {
+		opts.Progress(0, total) // admitted: copying starts
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
@@ -331,7 +347,10 @@ func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, gp
 			for c := range work {
 				f := files[c.file]
 				dst := f.buf.Bytes()[c.off : c.off+c.n]
-				if _, err := handles[c.file].ReadAt(dst, c.off); err != nil {
+				if _, err := handles[c.file].ReadAt(dst, c.off); errors.Is(err, io.EOF) {
+					fail(errorf(ErrInvalid, "load %s: file changed while loading: it ends before offset %d", f.abs, c.off+c.n))
+					continue
+				} else if err != nil {
 					fail(fmt.Errorf("load %s: read %d bytes at offset %d: %w", f.abs, c.n, c.off, err))
 					continue
 				}
@@ -361,9 +380,6 @@ feed:
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("load %s: %w", root, err)
-	}
-	if opts.Progress != nil && len(chunks) == 0 {
-		opts.Progress(0, 0)
 	}
 	if err := checkUnchanged(files, handles); err != nil {
 		return nil, err
@@ -434,17 +450,17 @@ func checkUnchanged(files []*sourceFile, handles []*os.File) error {
 			return fmt.Errorf("load %s: %w", f.abs, err)
 		}
 		if st.Size() != f.size {
-			return fmt.Errorf("load %s: file changed size while loading (%d → %d bytes)", f.abs, f.size, st.Size())
+			return errorf(ErrInvalid, "load %s: file changed size while loading (%d → %d bytes)", f.abs, f.size, st.Size())
 		}
 		if f.header == nil {
 			continue
 		}
 		h, err := safetensors.ReadHeader(bytes.NewReader(f.buf.Bytes()), f.size)
 		if err != nil {
-			return fmt.Errorf("load %s: file changed while loading: %w", f.abs, err)
+			return errorf(ErrInvalid, "load %s: file changed while loading: %w", f.abs, err)
 		}
 		if h.HeaderSize != f.header.HeaderSize || len(h.Tensors) != len(f.header.Tensors) {
-			return fmt.Errorf("load %s: file changed while loading: header differs", f.abs)
+			return errorf(ErrInvalid, "load %s: file changed while loading: header differs", f.abs)
 		}
 		f.header = h
 	}

@@ -149,7 +149,7 @@ func (s *Store) commit(name string, v *Version) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
-		return errors.New("store is closed")
+		return errorf(ErrBusy, "load %s: the store is closed", name)
 	}
 	m := s.models[name]
 	if m == nil {
@@ -167,20 +167,30 @@ func (s *Store) commit(name string, v *Version) error {
 	return nil
 }
 
-// ValidateModelName checks a model name: it becomes a file name on the mount
-// and "NAME@N" names its versions.
+// checkOpen refuses a request to a closed store (ErrBusy).
+func (s *Store) checkOpen(what string) error {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.closed {
+		return errorf(ErrBusy, "%s: the store is closed", what)
+	}
+	return nil
+}
+
+// ValidateModelName checks a model name (ErrInvalid): it becomes a file name
+// on the mount and "NAME@N" names its versions.
 func ValidateModelName(name string) error {
 	switch {
 	case name == "":
-		return errors.New("model name is empty")
+		return errorf(ErrInvalid, "model name is empty")
 	case len(name) > 200:
-		return fmt.Errorf("model name %q is longer than 200 bytes", name)
+		return errorf(ErrInvalid, "model name %q is longer than 200 bytes", name)
 	case !utf8.ValidString(name):
-		return fmt.Errorf("model name %q is not valid UTF-8", name)
+		return errorf(ErrInvalid, "model name %q is not valid UTF-8", name)
 	case strings.HasPrefix(name, "."):
-		return fmt.Errorf("model name %q must not start with '.'", name)
+		return errorf(ErrInvalid, "model name %q must not start with '.'", name)
 	case strings.ContainsAny(name, "/@\x00"):
-		return fmt.Errorf("model name %q must not contain '/', '@' or NUL", name)
+		return errorf(ErrInvalid, "model name %q must not contain '/', '@' or NUL", name)
 	}
 	return nil
 }

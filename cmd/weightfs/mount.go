@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 
@@ -165,7 +167,10 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 	go control.Serve(ctx, controlListener, ctl.Handler(), log, "control socket")
 	if metricsListener != nil {
 		log.Info("metrics", "addr", "http://"+metricsListener.Addr().String()+"/metrics")
-		reg := newRegistry(&daemon{store: st, control: ctl, srv: srv})
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(ctl.Collectors()...)
+		reg.MustRegister(st.Collector(), srv.Collector(),
+			collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 		go control.Serve(ctx, metricsListener, promhttp.HandlerFor(reg, promhttp.HandlerOpts{}), log, "metrics")
 	}
 	go st.Run(ctx, 2*time.Second)

@@ -67,7 +67,7 @@ func (c *Client) do(ctx context.Context, method, path string, body any) (*http.R
 	if resp.StatusCode/100 != 2 {
 		defer resp.Body.Close()
 		var e errorAnswer
-		json.NewDecoder(resp.Body).Decode(&e)
+		json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&e) // a body that is not one leaves e empty
 		return nil, newError(resp.StatusCode, e.Error)
 	}
 	return resp, nil
@@ -125,11 +125,16 @@ func (c *Client) Verify(ctx context.Context, name string, version int) (*Verifie
 // Load loads the folder path as the next version of name; progress, if set,
 // receives the bytes copied and the total as the daemon reports them.
 // A relative path is made absolute here: the daemon's working directory is
-// not the caller's. Cancelling ctx stops the load.
+// not the caller's (an empty one is sent as it is, and refused). Cancelling
+// ctx stops the load. The daemon's refusals and failures, before or during
+// the stream, come back as an *Error.
 func (c *Client) Load(ctx context.Context, name, path string, progress func(done, total int64)) (*Version, error) {
-	abs, err := filepath.Abs(path)
-	if err != nil {
-		return nil, fmt.Errorf("load %s: %w", path, err)
+	abs := path
+	if path != "" {
+		var err error
+		if abs, err = filepath.Abs(path); err != nil {
+			return nil, fmt.Errorf("load %s: %w", path, err)
+		}
 	}
 	resp, err := c.do(ctx, http.MethodPost, "/v1/load", LoadRequest{Name: name, Path: abs})
 	if err != nil {
@@ -137,6 +142,7 @@ func (c *Client) Load(ctx context.Context, name, path string, progress func(done
 	}
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(nil, 1<<20)
 	for sc.Scan() {
 		var ev LoadEvent
 		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {

@@ -83,8 +83,23 @@ func (e *Error) Unwrap() []error {
 	return out
 }
 
-// newError rebuilds an Error from its wire form.
+// kindError is an error of one of the store's kinds raised here, with its
+// own message.
+type kindError struct{ kind, err error }
+
+func (e *kindError) Error() string   { return e.err.Error() }
+func (e *kindError) Unwrap() []error { return []error{e.err, e.kind} }
+
+func errorOf(kind error, format string, args ...any) error {
+	return &kindError{kind: kind, err: fmt.Errorf(format, args...)}
+}
+
+// newError rebuilds an Error from its wire form; an answer without one (not
+// from this API) is CodeInternal.
 func newError(status int, body ErrorBody) *Error {
+	if body.Code == "" {
+		body.Code = CodeInternal
+	}
 	if body.Message == "" {
 		body.Message = fmt.Sprintf("the daemon answered %d %s", status, http.StatusText(status))
 	}

@@ -3,8 +3,11 @@ package control
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"io"
 	"log/slog"
 	"net/http"
+	"path/filepath"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -20,6 +23,9 @@ type Server struct {
 	metrics *metrics
 	mount   atomic.Pointer[func() MountStatus]
 	gpuProc func(uuid string) uint64
+	// progressHook, when set (tests), runs after each progress event of a
+	// load has been sent, with the request's context.
+	progressHook func(ctx context.Context, done, total int64)
 }
 
 // Options configure a Server.
@@ -68,6 +74,9 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/load", s.serveLoad)
 	mux.HandleFunc("POST /v1/unload", s.serveUnload)
 	mux.HandleFunc("POST /v1/verify", s.serveVerify)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, errorOf(store.ErrNotFound, "no such request: %s %s", r.Method, r.URL.Path))
+	})
 	return mux
 }
 
@@ -113,20 +122,33 @@ func (s *Server) serveVerify(w http.ResponseWriter, r *http.Request) {
 }
 
 // serveLoad streams progress as JSON lines, then the version or the error.
-// The load stops if the client goes away.
+// A load refused before copying starts (a bad name or folder, a malformed
+// file, a budget) is answered with its own status; the 200 stream starts with
+// the first progress event, and an error after that is its last event. The
+// load stops if the client goes away.
 func (s *Server) serveLoad(w http.ResponseWriter, r *http.Request) {
 	var req LoadRequest
 	if !readJSON(w, r, &req) {
 		return
 	}
-	w.Header().Set("Content-Type", "application/x-ndjson")
-	w.WriteHeader(http.StatusOK)
+	if !filepath.IsAbs(req.Path) {
+		err := errorOf(store.ErrInvalid, "load %s: path %q: want the absolute path of a model folder", req.Name, req.Path)
+		s.metrics.observeLoad(0, err)
+		writeError(w, err)
+		return
+	}
 	flusher, _ := w.(http.Flusher)
 	var mu sync.Mutex
+	started := false
 	enc := json.NewEncoder(w)
 	send := func(ev LoadEvent) {
 		mu.Lock()
 		defer mu.Unlock()
+		if !started {
+			started = true
+			w.Header().Set("Content-Type", "application/x-ndjson")
+			w.WriteHeader(http.StatusOK)
+		}
 		enc.Encode(ev)
 		if flusher != nil {
 			flusher.Flush()
@@ -142,11 +164,21 @@ func (s *Server) serveLoad(w http.ResponseWriter, r *http.Request) {
 		mu.Unlock()
 		if due {
 			send(LoadEvent{Done: done, Total: total})
+			if s.progressHook != nil {
+				s.progressHook(r.Context(), done, total)
+			}
 		}
 	}
 	v, err := s.Load(r.Context(), req.Name, req.Path, progress)
 	if err != nil {
 		s.log.Error("load failed", "model", req.Name, "path", req.Path, "err", err)
+		mu.Lock()
+		inStream := started
+		mu.Unlock()
+		if !inStream {
+			writeError(w, err)
+			return
+		}
 		body, _ := errorBody(err)
 		send(LoadEvent{Error: &body})
 		return
@@ -155,9 +187,21 @@ func (s *Server) serveLoad(w http.ResponseWriter, r *http.Request) {
 	send(LoadEvent{Version: &vj})
 }
 
+// readJSON decodes a request's body, one JSON object of at most 1 MiB, and
+// answers 400 when it is not that.
 func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<20)).Decode(v); err != nil {
-		writeJSON(w, http.StatusBadRequest, errorAnswer{ErrorBody{Code: CodeInvalid, Message: "bad request: " + err.Error()}})
+	body := http.MaxBytesReader(w, r.Body, 1<<20)
+	dec := json.NewDecoder(body)
+	err := dec.Decode(v)
+	if err == nil {
+		// Read to the end: one object and nothing after it.
+		var extra json.RawMessage
+		if dec.Decode(&extra) != io.EOF {
+			err = errors.New("more than one JSON value")
+		}
+	}
+	if err != nil {
+		writeError(w, errorOf(store.ErrInvalid, "bad request %s %s: %w", r.Method, r.URL.Path, err))
 		return false
 	}
 	return true

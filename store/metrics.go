@@ -1,0 +1,62 @@
+package store
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// collector reports what the store holds when scraped. Collecting reads the
+// store and frees nothing.
+type collector struct {
+	s                                     *Store
+	resident, budget, versions, openFiles *prometheus.Desc
+}
+
+// Collector is the store's Prometheus collector: resident bytes and budgets
+// by tier, versions by state and open files.
+func (s *Store) Collector() prometheus.Collector {
+	return &collector{
+		s: s,
+		resident: prometheus.NewDesc("weightfs_resident_bytes",
+			"Bytes resident, by tier (host, gpu) and GPU UUID; draining versions included.", []string{"tier", "gpu"}, nil),
+		budget: prometheus.NewDesc("weightfs_budget_bytes",
+			"Memory budget by tier (0: none).", []string{"tier"}, nil),
+		versions: prometheus.NewDesc("weightfs_versions",
+			"Model versions, by state (ready, draining).", []string{"state"}, nil),
+		openFiles: prometheus.NewDesc("weightfs_open_files",
+			"Files open on the mount.", nil, nil),
+	}
+}
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.resident
+	ch <- c.budget
+	ch <- c.versions
+	ch <- c.openFiles
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	u := c.s.Usage()
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	gauge(c.resident, float64(u.HostBytes), TierHost, "")
+	gauge(c.budget, float64(u.HostBudget), TierHost)
+	for _, g := range u.GPUs {
+		gauge(c.resident, float64(g.Bytes), TierGPU, g.UUID)
+	}
+	c.s.mu.RLock()
+	gauge(c.budget, float64(c.s.budgets.GPU), TierGPU)
+	c.s.mu.RUnlock()
+	ready, open := 0, 0
+	for _, m := range c.s.Models() {
+		for _, v := range m.Versions() {
+			ready++
+			open += v.OpenFiles()
+		}
+	}
+	draining := c.s.Draining()
+	for _, v := range draining {
+		open += v.OpenFiles()
+	}
+	gauge(c.versions, float64(ready), StateReady)
+	gauge(c.versions, float64(len(draining)), StateDraining)
+	gauge(c.openFiles, float64(open))
+}
