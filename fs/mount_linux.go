@@ -55,7 +55,8 @@ type Options struct {
 	// indented JSON rendered at every open (nil: {}).
 	Status StatusSource
 	// AllowUIDs and AllowGIDs may read GPU handles (user.weightfs.cuda and
-	// the ioctl); everyone else gets EACCES. Nil: the daemon's uid and root.
+	// the ioctl) besides root and the daemon's own uid, which always may;
+	// everyone else gets EACCES.
 	AllowUIDs, AllowGIDs []uint32
 }
 
@@ -147,9 +148,7 @@ func newMount(st *store.Store, opts Options, log *slog.Logger) *mount {
 	m := &mount{store: st, log: log, uid: uint32(os.Getuid()), gid: uint32(os.Getgid()),
 		allowUIDs: map[uint32]bool{}, allowGIDs: map[uint32]bool{}, started: time.Now(),
 		manifest: (*store.File).CUDAManifest}
-	if opts.AllowUIDs == nil && opts.AllowGIDs == nil {
-		m.allowUIDs[0], m.allowUIDs[m.uid] = true, true
-	}
+	m.allowUIDs[0], m.allowUIDs[m.uid] = true, true
 	for _, id := range opts.AllowUIDs {
 		m.allowUIDs[id] = true
 	}
@@ -166,6 +165,7 @@ type Server struct {
 	m          *mount
 	mountpoint string
 	why        string
+	unmounted  chan struct{} // closed once the kernel has let go of the mount
 }
 
 // Mount mounts the store read-only on mountpoint and serves it until
@@ -213,13 +213,20 @@ func Mount(mountpoint string, st *store.Store, opts Options) (*Server, error) {
 		root.NotifyEntry(v.Name())
 		root.NotifyEntry(v.Model())
 	})
-	s := &Server{fuse: server, m: m, mountpoint: abs}
+	s := &Server{fuse: server, m: m, mountpoint: abs, unmounted: make(chan struct{})}
+	go func() { server.Wait(); close(s.unmounted) }()
 	mode, why := Cached, "requested"
 	if !opts.ForceCached {
 		mode, why = checkPassthrough(server, st.Arena())
 	}
 	m.mode.Store(int32(mode))
 	s.why = why
+	if mode == Passthrough {
+		log.Info("mounted", "mountpoint", abs, "reads", "passthrough", "host_memory", st.Arena().Kind())
+	} else {
+		log.Warn("FUSE passthrough is OFF: reads go through the daemon and the page cache (slower)",
+			"reason", why, "mountpoint", abs, "host_memory", st.Arena().Kind())
+	}
 	if mode == Cached {
 		if err := raiseReadahead(abs, 1024); err != nil {
 			log.Warn("could not raise read_ahead_kb; cached reads will be slower", "err", err)
@@ -365,6 +372,20 @@ func (s *Server) Counters() Counters {
 	return out
 }
 
+// Report is the mount's side of the daemon's status.
+type Report struct {
+	Mountpoint, ReadMode, CachedReason         string
+	Requests                                   map[string]uint64
+	DaemonReads, HandleRequests, HandleDenials uint64
+}
+
+// Report says where the mount is, how it reads and what it counted.
+func (s *Server) Report() Report {
+	c := s.Counters()
+	return Report{Mountpoint: s.mountpoint, ReadMode: s.Mode().String(), CachedReason: s.why,
+		Requests: c.Requests, DaemonReads: c.DaemonReads, HandleRequests: c.HandleRequests, HandleDenials: c.HandleDenials}
+}
+
 // Unmount unmounts; it fails with EBUSY while files are open.
 func (s *Server) Unmount() error {
 	if err := s.fuse.Unmount(); err != nil {
@@ -383,4 +404,32 @@ func (s *Server) Detach() error {
 }
 
 // Wait blocks until the file system is unmounted.
-func (s *Server) Wait() { s.fuse.Wait() }
+func (s *Server) Wait() { <-s.unmounted }
+
+// Serve serves until a signal arrives on sig, then unmounts. While readers
+// hold files open it detaches the mount and serves them until the last one
+// closes or the next signal arrives. A file system unmounted from outside
+// first is an error.
+func (s *Server) Serve(sig <-chan os.Signal) error {
+	select {
+	case <-s.unmounted:
+		return fmt.Errorf("%s was unmounted from outside", s.mountpoint)
+	case <-sig:
+	}
+	err := s.Unmount()
+	if err == nil {
+		s.m.log.Info("unmounted", "mountpoint", s.mountpoint)
+		return nil
+	}
+	s.m.log.Warn("mount busy; detaching it and serving open files until they close (signal again to quit now)", "err", err)
+	if err := s.Detach(); err != nil {
+		return err
+	}
+	select {
+	case <-s.unmounted:
+		s.m.log.Info("last open file closed; unmounted", "mountpoint", s.mountpoint)
+	case <-sig:
+		s.m.log.Warn("quitting with files still open", "mountpoint", s.mountpoint)
+	}
+	return nil
+}

@@ -39,3 +39,28 @@ func CheckDir(path string) error {
 	}
 	return nil
 }
+
+// ModelSpec is one model to load at start: a name and its folder.
+type ModelSpec struct{ Name, Path string }
+
+// ParseModelSpecs reads "NAME=PATH" specs as ParseModelSpec does and refuses
+// a name given twice or one of taken.
+func ParseModelSpecs(specs []string, taken ...string) ([]ModelSpec, error) {
+	seen := map[string]bool{}
+	for _, name := range taken {
+		seen[name] = true
+	}
+	var out []ModelSpec
+	for _, s := range specs {
+		name, path, err := ParseModelSpec(s)
+		if err != nil {
+			return nil, err
+		}
+		if seen[name] {
+			return nil, errorf(ErrInvalid, "%s: name given twice", name)
+		}
+		seen[name] = true
+		out = append(out, ModelSpec{Name: name, Path: path})
+	}
+	return out, nil
+}

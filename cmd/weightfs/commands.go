@@ -32,7 +32,7 @@ func (a *app) commands() *cobra.Command {
 		Long: `weightfs keeps LLM weights resident in host memory (and GPU memory with --gpu)
 and mounts them with FUSE as read-only Hugging Face model folders.
 "weightfs mount" runs the daemon; the other commands talk to it over its control socket.`,
-		Version:       versionText(),
+		Version:       control.BuildOf(version).String(),
 		SilenceErrors: true,
 		SilenceUsage:  true,
 		PersistentPreRunE: func(*cobra.Command, []string) error {
@@ -71,7 +71,8 @@ and mounts them with FUSE as read-only Hugging Face model folders.
 	root.AddCommand(a.mountCommand(), a.loadCommand(), a.unloadCommand(), a.listCommand(),
 		a.statusCommand(), a.verifyCommand())
 	root.InitDefaultCompletionCmd()
-	for _, c := range []*cobra.Command{root, findCommand(root, "completion")} {
+	completion, _, _ := root.Find([]string{"completion"})
+	for _, c := range []*cobra.Command{root, completion} {
 		c.Args, c.ValidArgsFunction = unknownCommand, cobra.NoFileCompletions
 		c.RunE = func(c *cobra.Command, _ []string) error { // no subcommand: help on stderr
 			c.SetOut(a.stderr)
@@ -80,11 +81,6 @@ and mounts them with FUSE as read-only Hugging Face model folders.
 		}
 	}
 	return root
-}
-
-func findCommand(root *cobra.Command, name string) *cobra.Command {
-	c, _, _ := root.Find([]string{name})
-	return c
 }
 
 // unknownCommand refuses a first argument that names no subcommand of c,

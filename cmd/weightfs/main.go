@@ -3,14 +3,11 @@
 package main
 
 import (
-	"cmp"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
-	"runtime"
-	"runtime/debug"
 	"strings"
 
 	"github.com/weightfs/weightfs/store"
@@ -85,24 +82,4 @@ func explain(err error) (string, []any) {
 	msg := fmt.Sprintf("load %s from %s: needs %s of %s, only %s is free of the daemon's %s budget of %s",
 		be.Model, be.Source, store.HumanBytes(be.Need), where, store.HumanBytes(be.Free), flag, store.HumanBytes(be.Budget))
 	return msg, []any{"flag", flag, "tier", be.Tier, "gpu", be.GPU, "need", be.Need, "free", be.Free, "budget", be.Budget}
-}
-
-// versionText is what --version prints: the version stamped by make build,
-// the module, and the commit the binary was built from.
-func versionText() string {
-	v, module, commit := version, "(unknown)", "unknown (built without VCS stamping)"
-	if bi, ok := debug.ReadBuildInfo(); ok {
-		module = bi.Main.Path + " " + bi.Main.Version
-		s := map[string]string{}
-		for _, kv := range bi.Settings {
-			s[kv.Key] = kv.Value
-		}
-		if commit = s["vcs.revision"] + " " + s["vcs.time"]; s["vcs.revision"] == "" {
-			commit = "unknown (built without VCS stamping)"
-		} else if s["vcs.modified"] == "true" {
-			commit += " (dirty)"
-		}
-	}
-	return fmt.Sprintf("weightfs %s\nmodule:  %s\ncommit:  %s\ngo:      %s %s/%s\n",
-		cmp.Or(v, "dev"), module, commit, runtime.Version(), runtime.GOOS, runtime.GOARCH)
 }

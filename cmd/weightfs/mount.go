@@ -9,13 +9,9 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 
 	wfs "github.com/weightfs/weightfs/fs"
@@ -61,48 +57,22 @@ Sizes: bytes, Ki/Mi/Gi/Ti (or KiB…TiB, K…T: binary), KB…TB (decimal), or a
 	return c
 }
 
-// modelSpec is one --model NAME=PATH.
-type modelSpec struct{ name, path string }
-
-// check validates the models and the mount point before anything is set up.
-func (f *mountFlags) check(mountpoint string) ([]modelSpec, error) {
-	var models []modelSpec
-	seen := map[string]bool{"demo": f.demo}
-	for _, s := range f.models {
-		name, path, err := store.ParseModelSpec(s)
-		if err == nil && seen[name] {
-			err = fmt.Errorf("%s: name given twice", name)
-		}
-		if err != nil {
-			return nil, usagef("--model %v", err)
-		}
-		seen[name] = true
-		models = append(models, modelSpec{name, path})
+func (a *app) mount(mountpoint string, f *mountFlags) error {
+	taken := []string{}
+	if f.demo {
+		taken = append(taken, "demo")
+	}
+	models, err := store.ParseModelSpecs(f.models, taken...)
+	if err != nil {
+		return usagef("--model %v", err)
 	}
 	if err := store.CheckDir(mountpoint); err != nil && !errors.Is(err, syscall.ENOTCONN) {
-		return nil, usagef("mount point %v", err)
-	}
-	return models, nil
-}
-
-// logWriter makes what goes to the standard log package (go-fuse,
-// net/http) records of a slog logger.
-type logWriter struct{ log *slog.Logger }
-
-func (w logWriter) Write(p []byte) (int, error) {
-	w.log.Info(strings.TrimRight(string(p), "\n"), "logger", "log")
-	return len(p), nil
-}
-
-func (a *app) mount(mountpoint string, f *mountFlags) error {
-	models, err := f.check(mountpoint)
-	if err != nil {
-		return err
+		return usagef("mount point %v", err)
 	}
 	log := a.logger()
 	if a.logFormat == "json" {
-		stdlog.SetFlags(0)
-		stdlog.SetOutput(logWriter{log})
+		stdlog.SetFlags(0) // go-fuse and net/http log through the standard logger
+		stdlog.SetOutput(slog.NewLogLogger(log.With("logger", "log").Handler(), slog.LevelInfo).Writer())
 	}
 	f.store.Logger = log
 	st, closeStore, err := store.Open(f.store)
@@ -117,7 +87,7 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 		if err != nil {
 			return err
 		}
-		models = append([]modelSpec{{"demo", dir}}, models...)
+		models = append([]store.ModelSpec{{Name: "demo", Path: dir}}, models...)
 	}
 	var allowUIDs, allowGIDs []uint32
 	for _, id := range f.allowUIDs {
@@ -125,9 +95,6 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 	}
 	for _, id := range f.allowGIDs {
 		allowGIDs = append(allowGIDs, uint32(id))
-	}
-	if allowUIDs != nil || allowGIDs != nil {
-		allowUIDs = append(allowUIDs, 0, uint32(os.Getuid()))
 	}
 	controlListener, err := control.Listen(a.socket)
 	if err != nil {
@@ -142,7 +109,7 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 		defer metricsListener.Close()
 	}
 
-	ctl := control.NewServer(st, control.Options{Logger: log, GPUProcessBytes: store.ProcessMemory(st.GPUs(), log)})
+	ctl := control.NewServer(st, control.Options{Logger: log, Version: version, GPUProcessBytes: store.ProcessMemory(st.GPUs(), log)})
 	srv, err := wfs.Mount(mountpoint, st, wfs.Options{
 		ForceCached: f.cached, AllowOther: f.allowOther, Logger: log, Debug: f.debug, AllowUIDs: allowUIDs, AllowGIDs: allowGIDs,
 		Status: statusSource{ctl},
@@ -150,63 +117,40 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 	if err != nil {
 		return err
 	}
-	ctl.SetMount(func() control.MountStatus {
-		c := srv.Counters()
-		return control.MountStatus{Mountpoint: srv.Mountpoint(), ReadMode: srv.Mode().String(), CachedReason: srv.CachedReason(),
-			Requests: c.Requests, DaemonReads: c.DaemonReads, HandleRequests: c.HandleRequests, HandleDenials: c.HandleDenials}
-	})
-	if srv.Mode() == wfs.Passthrough {
-		log.Info("mounted", "mountpoint", srv.Mountpoint(), "reads", "passthrough", "host_memory", st.Arena().Kind(), "socket", a.socket)
-	} else {
-		log.Warn("FUSE passthrough is OFF: reads go through the daemon and the page cache (slower)",
-			"reason", srv.CachedReason(), "mountpoint", srv.Mountpoint(), "socket", a.socket)
-	}
-
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
+	ctl.SetMount(func() control.MountStatus { return control.MountStatus(srv.Report()) })
+	sig := make(chan os.Signal, 2)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(sig)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
 	go control.Serve(ctx, controlListener, ctl.Handler(), log, "control socket")
 	if metricsListener != nil {
 		log.Info("metrics", "addr", "http://"+metricsListener.Addr().String()+"/metrics")
-		reg := prometheus.NewRegistry()
-		reg.MustRegister(ctl.Collectors()...)
-		reg.MustRegister(st.Collector(), srv.Collector(),
-			collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-		go control.Serve(ctx, metricsListener, promhttp.HandlerFor(reg, promhttp.HandlerOpts{}), log, "metrics")
+		handler := control.MetricsHandler(append(ctl.Collectors(), st.Collector(), srv.Collector())...)
+		go control.Serve(ctx, metricsListener, handler, log, "metrics")
 	}
 	go st.Run(ctx, 2*time.Second)
 	go a.loadModels(ctx, ctl, srv.Mountpoint(), len(st.GPUs().List()), log, models)
-
-	unmounted := make(chan struct{})
-	go func() { srv.Wait(); close(unmounted) }()
-	select {
-	case <-unmounted:
-		return errors.New("file system was unmounted from outside")
-	case <-ctx.Done():
-	}
-	stop()
-	return shutdown(srv, unmounted, log)
+	return srv.Serve(sig)
 }
 
 // loadModels loads the --model folders, with a progress bar on a terminal
 // in text mode. A failed load is logged and the daemon goes on serving.
-func (a *app) loadModels(ctx context.Context, ctl *control.Server, mountpoint string, gpus int, log *slog.Logger, models []modelSpec) {
+func (a *app) loadModels(ctx context.Context, ctl *control.Server, mountpoint string, gpus int, log *slog.Logger, models []store.ModelSpec) {
 	for _, m := range models {
-		var progress func(done, total int64)
-		done := func() {}
+		progress, done := func(int64, int64) {}, func() {}
 		if a.logFormat == "text" {
-			progress, done = report.Progress(a.stderr, "loading "+m.name)
+			progress, done = report.Progress(a.stderr, "loading "+m.Name)
 		}
-		v, err := ctl.Load(ctx, m.name, m.path, progress)
+		v, err := ctl.Load(ctx, m.Name, m.Path, progress)
 		done()
-		if ctx.Err() != nil {
+		switch {
+		case ctx.Err() != nil:
 			return
-		} else if err != nil {
+		case err != nil:
 			msg, attrs := explain(err)
-			log.Error("load failed", append([]any{"model", m.name, "err", msg}, attrs...)...)
-		} else if a.logFormat == "json" {
-			log.Info("loaded", "model", m.name, "version", v.Name(), "files", len(v.Files()), "bytes", v.Bytes(),
-				"seconds", v.LoadTime().Seconds())
-		} else {
+			log.Error("load failed", append([]any{"model", m.Name, "err", msg}, attrs...)...)
+		case a.logFormat == "text": // the store logs every load; people also get a line on stdout
 			report.Served(a.stdout, mountpoint, v, gpus)
 		}
 	}
@@ -215,30 +159,6 @@ func (a *app) loadModels(ctx context.Context, ctl *control.Server, mountpoint st
 	} else {
 		fmt.Fprintf(a.stdout, "weightfs: serving %s (Ctrl-C to unmount; control socket %s)\n", mountpoint, a.socket)
 	}
-}
-
-// shutdown unmounts; while readers hold files open it detaches the mount and
-// serves them until they close, or until a second signal.
-func shutdown(srv *wfs.Server, unmounted <-chan struct{}, log *slog.Logger) error {
-	err := srv.Unmount()
-	if err == nil {
-		log.Info("unmounted", "mountpoint", srv.Mountpoint())
-		return nil
-	}
-	log.Warn("mount busy; detaching it and serving open files until they close (signal again to quit now)", "err", err)
-	if err := srv.Detach(); err != nil {
-		return err
-	}
-	again := make(chan os.Signal, 1)
-	signal.Notify(again, syscall.SIGINT, syscall.SIGTERM)
-	defer signal.Stop(again)
-	select {
-	case <-unmounted:
-		log.Info("last open file closed; unmounted", "mountpoint", srv.Mountpoint())
-	case <-again:
-		log.Warn("quitting with files still open", "mountpoint", srv.Mountpoint())
-	}
-	return nil
 }
 
 // statusSource shows the control server's status in .weightfs/status.json.

@@ -1,9 +1,12 @@
 package control
 
 import (
+	"net/http"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
 // metrics count what the control API does.
@@ -48,4 +51,12 @@ func (m *metrics) observeLoad(d time.Duration, err error) {
 // store's and the mount's.
 func (s *Server) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{s.metrics.loads, s.metrics.loadSeconds, s.metrics.errors}
+}
+
+// MetricsHandler serves the given collectors, with the Go and process
+// collectors, in the Prometheus text format.
+func MetricsHandler(cs ...prometheus.Collector) http.Handler {
+	r := prometheus.NewRegistry()
+	r.MustRegister(append(cs, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))...)
+	return promhttp.HandlerFor(r, promhttp.HandlerOpts{})
 }

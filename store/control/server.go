@@ -23,6 +23,7 @@ type Server struct {
 	metrics *metrics
 	mount   atomic.Pointer[func() MountStatus]
 	gpuProc func(uuid string) uint64
+	build   Build
 	// progressHook, when set (tests), runs after each progress event of a
 	// load has been sent, with the request's context.
 	progressHook func(ctx context.Context, done, total int64)
@@ -35,11 +36,15 @@ type Options struct {
 	// GPUProcessBytes, if set, is NVML's figure of this process's memory on
 	// a GPU, shown beside the store's own count.
 	GPUProcessBytes func(uuid string) uint64
+	// Version is the version stamped into the daemon's binary, shown in
+	// the status with its module and commit.
+	Version string
 }
 
 // NewServer serves st.
 func NewServer(st *store.Store, opts Options) *Server {
-	s := &Server{store: st, log: opts.Logger, metrics: newMetrics(), gpuProc: opts.GPUProcessBytes}
+	s := &Server{store: st, log: opts.Logger, metrics: newMetrics(), gpuProc: opts.GPUProcessBytes,
+		build: BuildOf(opts.Version)}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -266,6 +271,7 @@ func (s *Server) Status() Status {
 	list := s.List()
 	u := s.store.Usage()
 	out := Status{
+		Daemon: s.build,
 		Host:   Host{Bytes: u.HostBytes, Reserved: u.HostReserved, Budget: u.HostBudget, Arena: s.store.Arena().Kind()},
 		GPUs:   []GPU{},
 		Models: list.Models, Draining: list.Draining, Loads: []Load{},

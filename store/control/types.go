@@ -79,6 +79,7 @@ type MountStatus struct {
 // Status answers GET /v1/status (`weightfs status`) and fills
 // .weightfs/status.json on the mount.
 type Status struct {
+	Daemon Build `json:"daemon"`
 	MountStatus
 	Host     Host      `json:"host"`
 	GPUs     []GPU     `json:"gpus"`

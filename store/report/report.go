@@ -70,6 +70,7 @@ func Status(w io.Writer, st *control.Status) {
 	if st.Host.Budget > 0 {
 		budget = "budget " + store.HumanBytes(st.Host.Budget)
 	}
+	fmt.Fprintf(w, "daemon: weightfs %s (%s)\n", st.Daemon.Version, st.Daemon.Go)
 	fmt.Fprintf(w, "mount:  %s, reads: %s\n", st.Mountpoint, mode)
 	fmt.Fprintf(w, "host:   %s resident (%s), %s reserved by loads, host images in %s\n",
 		store.HumanBytes(st.Host.Bytes), budget, store.HumanBytes(st.Host.Reserved), st.Host.Arena)
