@@ -35,3 +35,25 @@ func TestParseModelSpec(t *testing.T) {
 		t.Errorf("CheckDir(missing) = %v; want ENOENT kept", err)
 	}
 }
+
+func TestParseModelSpecs(t *testing.T) {
+	a, b := t.TempDir(), t.TempDir()
+	got, err := ParseModelSpecs([]string{"x=" + a, "y=" + b}, "demo")
+	if err != nil || len(got) != 2 || got[0] != (ModelSpec{Name: "x", Path: a}) || got[1] != (ModelSpec{Name: "y", Path: b}) {
+		t.Fatalf("ParseModelSpecs = %+v, %v", got, err)
+	}
+	for _, c := range []struct {
+		specs []string
+		taken []string
+		want  string
+	}{
+		{[]string{"x=" + a, "x=" + b}, nil, "x: name given twice"},
+		{[]string{"demo=" + a}, []string{"demo"}, "demo: name given twice"},
+		{[]string{"x=" + a, "bad"}, nil, `"bad": want NAME=PATH`},
+	} {
+		_, err := ParseModelSpecs(c.specs, c.taken...)
+		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("ParseModelSpecs(%q, %q) = %v; want an ErrInvalid containing %q", c.specs, c.taken, err, c.want)
+		}
+	}
+}
