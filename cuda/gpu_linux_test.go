@@ -288,23 +288,6 @@ func TestGPUMonitor(t *testing.T) {
 		t.Skip("no NVML: ", err)
 	}
 	defer m.Close()
-	gpus, err := m.GPUs()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var found *GPUInfo
-	for i := range gpus {
-		if gpus[i].UUID == dev.UUID {
-			found = &gpus[i]
-		}
-	}
-	if found == nil {
-		t.Fatalf("CUDA device %s not among NVML's %+v", dev.UUID, gpus)
-	}
-	if NormalizePCIBusID(found.PCIBusID) != NormalizePCIBusID(dev.PCIBusID) {
-		t.Errorf("bus ids differ: NVML %s, CUDA %s", found.PCIBusID, dev.PCIBusID)
-	}
-	t.Logf("NVML: %+v", *found)
 	p, err := c.Alloc(1 << 30)
 	if err != nil {
 		t.Fatal(err)

@@ -40,45 +40,6 @@ func nvmlErr(call string, r nvml.Return) error {
 	return fmt.Errorf("%s: %s", call, r.Error())
 }
 
-// GPUs lists every GPU NVML sees, in NVML index order.
-func (m *Monitor) GPUs() ([]GPUInfo, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if m.closed {
-		return nil, errMonitorClosed
-	}
-	n, r := m.lib.DeviceGetCount()
-	if r != nvml.SUCCESS {
-		return nil, nvmlErr("nvmlDeviceGetCount", r)
-	}
-	out := make([]GPUInfo, 0, n)
-	for i := range n {
-		d, r := m.lib.DeviceGetHandleByIndex(i)
-		if r != nvml.SUCCESS {
-			return nil, nvmlErr(fmt.Sprintf("nvmlDeviceGetHandleByIndex(%d)", i), r)
-		}
-		g := GPUInfo{Index: i}
-		if g.UUID, r = d.GetUUID(); r != nvml.SUCCESS {
-			return nil, nvmlErr(fmt.Sprintf("GPU %d: nvmlDeviceGetUUID", i), r)
-		}
-		if g.Name, r = d.GetName(); r != nvml.SUCCESS {
-			return nil, nvmlErr(fmt.Sprintf("GPU %d: nvmlDeviceGetName", i), r)
-		}
-		pci, r := d.GetPciInfo()
-		if r != nvml.SUCCESS {
-			return nil, nvmlErr(fmt.Sprintf("GPU %d: nvmlDeviceGetPciInfo", i), r)
-		}
-		g.PCIBusID = int8String(pci.BusId[:])
-		mem, r := d.GetMemoryInfo()
-		if r != nvml.SUCCESS {
-			return nil, nvmlErr(fmt.Sprintf("GPU %d: nvmlDeviceGetMemoryInfo", i), r)
-		}
-		g.MemoryTotal, g.MemoryUsed, g.MemoryFree = mem.Total, mem.Used, mem.Free
-		out = append(out, g)
-	}
-	return out, nil
-}
-
 // ProcessMemory is the GPU memory used on the GPU with this UUID (with or
 // without "GPU-") by pid, from nvmlDeviceGetComputeRunningProcesses; 0 when
 // pid has no context there. The pid is in the driver's (host) PID namespace.
@@ -130,15 +91,4 @@ func (m *Monitor) Close() error {
 		return nvmlErr("nvmlShutdown", r)
 	}
 	return nil
-}
-
-func int8String(b []int8) string {
-	out := make([]byte, 0, len(b))
-	for _, c := range b {
-		if c == 0 {
-			break
-		}
-		out = append(out, byte(c))
-	}
-	return string(out)
 }

@@ -5,7 +5,6 @@ package cuda
 import (
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 	"testing"
 
@@ -81,23 +80,6 @@ func TestMonitorMock(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	gpus, err := m.GPUs()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(gpus) != 8 {
-		t.Fatalf("%d GPUs, want 8", len(gpus))
-	}
-	want := GPUInfo{Index: 2, UUID: "GPU-00000002-0000-4000-8000-000000000002", Name: "NVIDIA H200",
-		PCIBusID: "00000000:1A:00.0", MemoryTotal: 150754820096, MemoryUsed: 644939776 + 2<<30,
-		MemoryFree: 150754820096 - 644939776 - 2<<30}
-	if gpus[2] != want {
-		t.Errorf("GPU 2 = %+v\nwant %+v", gpus[2], want)
-	}
-	if got := NormalizePCIBusID(gpus[2].PCIBusID); got != "0000:1a:00.0" {
-		t.Errorf("normalized bus id %q", got)
-	}
-
 	cases := []struct {
 		uuid   string
 		pid    int
@@ -134,8 +116,8 @@ func TestMonitorMock(t *testing.T) {
 	if n := len(lib.ShutdownCalls()); n != 1 {
 		t.Errorf("Shutdown called %d times, want 1", n)
 	}
-	if _, err := m.GPUs(); err == nil {
-		t.Error("GPUs after Close succeeded")
+	if _, err := m.ProcessMemory("GPU-00000003-0000-4000-8000-000000000003", 4242); err == nil {
+		t.Error("ProcessMemory after Close succeeded")
 	}
 }
 
@@ -151,7 +133,7 @@ func TestMonitorInitFails(t *testing.T) {
 }
 
 // TestOpenMonitor uses the real NVML: ErrNoDriver where there is none (CI),
-// the GPU list where there is.
+// an open monitor that closes where there is.
 func TestOpenMonitor(t *testing.T) {
 	m, err := OpenMonitor()
 	if err != nil {
@@ -161,17 +143,7 @@ func TestOpenMonitor(t *testing.T) {
 		t.Logf("no NVML, as expected here: %v", err)
 		return
 	}
-	defer m.Close()
-	gpus, err := m.GPUs()
-	if err != nil {
+	if err := m.Close(); err != nil {
 		t.Fatal(err)
-	}
-	for _, g := range gpus {
-		t.Logf("NVML GPU %d: %s %s bus %s, %d MiB total, %d MiB used", g.Index, g.UUID, g.Name, g.PCIBusID, g.MemoryTotal>>20, g.MemoryUsed>>20)
-	}
-	if len(gpus) > 0 {
-		if _, err := m.ProcessMemory(gpus[0].UUID, os.Getpid()); err != nil {
-			t.Errorf("ProcessMemory: %v", err)
-		}
 	}
 }

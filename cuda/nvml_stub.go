@@ -14,7 +14,6 @@ func OpenMonitor() (*Monitor, error) {
 }
 
 // GPUs returns ErrNoDriver.
-func (m *Monitor) GPUs() ([]GPUInfo, error) { return nil, ErrNoDriver }
 
 // ProcessMemory returns ErrNoDriver.
 func (m *Monitor) ProcessMemory(uuid string, pid int) (uint64, error) { return 0, ErrNoDriver }

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
-	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -206,5 +205,3 @@ func sameBytes(t testing.TB, what string, got, want []byte) {
 		}
 	}
 }
-
-func fmtErr(err error) string { return fmt.Sprint(err) }

@@ -47,15 +47,15 @@ func (g *GPUs) SmallestMemory() (total uint64, of string) {
 
 // ProcessMemory returns NVML's figure of this process's memory on a GPU
 // (by UUID), or nil without GPUs or where NVML is not there (a build
-// without cgo, no driver).
-func ProcessMemory(g *GPUs, log *slog.Logger) func(uuid string) uint64 {
+// without cgo, no driver); closeMonitor lets go of NVML.
+func ProcessMemory(g *GPUs, log *slog.Logger) (figure func(uuid string) uint64, closeMonitor func()) {
 	if len(g.List()) == 0 {
-		return nil
+		return nil, func() {}
 	}
 	mon, err := cuda.OpenMonitor()
 	if err != nil {
 		log.Info("NVML not available; GPU figures come from the CUDA driver", "err", err)
-		return nil
+		return nil, func() {}
 	}
 	pid := os.Getpid()
 	return func(uuid string) uint64 {
@@ -64,5 +64,5 @@ func ProcessMemory(g *GPUs, log *slog.Logger) func(uuid string) uint64 {
 			return 0
 		}
 		return n
-	}
+	}, func() { mon.Close() }
 }

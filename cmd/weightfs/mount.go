@@ -109,7 +109,9 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 		defer metricsListener.Close()
 	}
 
-	ctl := control.NewServer(st, control.Options{Logger: log, Version: version, GPUProcessBytes: store.ProcessMemory(st.GPUs(), log)})
+	procMem, closeMonitor := store.ProcessMemory(st.GPUs(), log)
+	defer closeMonitor()
+	ctl := control.NewServer(st, control.Options{Logger: log, Version: version, GPUProcessBytes: procMem})
 	srv, err := wfs.Mount(mountpoint, st, wfs.Options{
 		ForceCached: f.cached, AllowOther: f.allowOther, Logger: log, Debug: f.debug, AllowUIDs: allowUIDs, AllowGIDs: allowGIDs,
 		Status: statusSource{ctl},
