@@ -31,7 +31,7 @@ var (
 )
 
 func (n *fileNode) fill(a *fuse.Attr) {
-	a.Mode = fileMode
+	a.Mode = syscall.S_IFREG | uint32(n.file.Perm().Perm()&0o444)
 	a.Ino = n.file.Ino()
 	a.Nlink = 1
 	a.Size = uint64(n.file.Size())
@@ -39,7 +39,7 @@ func (n *fileNode) fill(a *fuse.Attr) {
 	a.Blksize = blockSize
 	t := n.version.LoadedAt()
 	a.SetTimes(&t, &t, &t)
-	n.m.owner(a)
+	a.Uid, a.Gid = n.file.Owner()
 }
 
 func (n *fileNode) Getattr(ctx context.Context, f gofs.FileHandle, out *fuse.AttrOut) syscall.Errno {

@@ -107,6 +107,12 @@ func writeModel(t testing.TB, dir string, seed byte) model {
 func loadModel(t testing.TB, st *store.Store, name string, seed byte) (*store.Version, model) {
 	t.Helper()
 	dir := t.TempDir()
+	// t.TempDir's parent is 0700: open it so that the version's directory
+	// carries the model folder's own mode (0755 → 0555), as for a model
+	// folder every user can reach.
+	if err := os.Chmod(filepath.Dir(dir), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	m := writeModel(t, dir, seed)
 	v, err := st.Load(context.Background(), name, dir, store.LoadOptions{})
 	if err != nil {

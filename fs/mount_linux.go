@@ -190,16 +190,22 @@ func Mount(mountpoint string, st *store.Store, opts Options) (*Server, error) {
 		AttrTimeout:     &long,
 		NegativeTimeout: &zero, // new versions must show up at once
 		RootStableAttr:  &gofs.StableAttr{Ino: 1},
+		// Every node sets its mode; a 0000 source stays 0000 (go-fuse
+		// would otherwise turn mode 0 into 0644/0755).
+		NullPermissions: true,
 		MountOptions: fuse.MountOptions{
 			FsName:           "weightfs",
 			Name:             "weightfs",
 			DirectMount:      true,
 			DirectMountFlags: syscall.MS_RDONLY | syscall.MS_NOSUID | syscall.MS_NODEV,
 			AllowOther:       opts.AllowOther,
-			MaxWrite:         1 << 20,
-			MaxReadAhead:     1 << 20,
-			DisableSplice:    true, // in-memory data gains nothing from splice
-			Debug:            opts.Debug,
+			// The kernel checks every access against the modes and owners
+			// the nodes report: a version's files keep their source's.
+			Options:       []string{"default_permissions"},
+			MaxWrite:      1 << 20,
+			MaxReadAhead:  1 << 20,
+			DisableSplice: true, // in-memory data gains nothing from splice
+			Debug:         opts.Debug,
 		},
 	}
 	root := &rootDir{m: m, status: opts.Status}

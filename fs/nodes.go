@@ -16,6 +16,10 @@ import (
 	"github.com/weightfs/weightfs/store"
 )
 
+// The mount's own nodes (the root, the NAME symlinks, .weightfs) reveal only
+// names and are readable by all. A version's directories and files carry
+// their source's owner, group and read bits (store.Dir.Perm, store.File.Perm)
+// and the kernel checks them (default_permissions).
 const (
 	dirMode  = syscall.S_IFDIR | 0o555
 	fileMode = syscall.S_IFREG | 0o444
@@ -204,13 +208,13 @@ var (
 )
 
 func (d *dirNode) fill(a *fuse.Attr) {
-	a.Mode = dirMode
+	a.Mode = syscall.S_IFDIR | uint32(d.dir.Perm().Perm()&0o555)
 	a.Ino = d.dir.Ino()
 	a.Nlink = uint32(2 + len(d.dir.Dirs()))
 	a.Size = 4096
 	t := d.version.LoadedAt()
 	a.SetTimes(&t, &t, &t)
-	d.m.owner(a)
+	a.Uid, a.Gid = d.dir.Owner()
 }
 
 func (d *dirNode) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {

@@ -136,7 +136,7 @@ func TestHuggingFaceCacheSnapshot(t *testing.T) {
 	m := mountStore(t, false)
 	plain := t.TempDir()
 	writeModel(t, plain, 7, 300)
-	repo := t.TempDir()
+	repo := filepath.Join(t.TempDir(), "models--org--tiny") // blobs serve only their own repository
 	snap := filepath.Join(repo, "snapshots", "0123abcd")
 	for rel, abs := range sourceFiles(t, plain) {
 		blob := filepath.Join(repo, "blobs", strings.ReplaceAll(rel, "/", "_")+".blob")

@@ -243,6 +243,7 @@ func TestLoadErrors(t *testing.T) {
 	}
 	folder := func(files map[string][]byte) string {
 		dir := t.TempDir()
+		files["config.json"] = []byte("{}") // a model folder, but for the fault
 		for name, b := range files {
 			if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
 				t.Fatal(err)
@@ -260,7 +261,7 @@ func TestLoadErrors(t *testing.T) {
 		{"name with @", "m@1", good, ErrInvalid, "must not contain"},
 		{"missing folder", "m", filepath.Join(good, "nope"), ErrInvalid, "no such file"},
 		{"not a folder", "m", filepath.Join(good, "config.json"), ErrInvalid, "not a directory"},
-		{"empty folder", "m", t.TempDir(), ErrInvalid, "no files"},
+		{"empty folder", "m", t.TempDir(), ErrInvalid, "no .safetensors file"},
 		{"malformed safetensors", "m", folder(map[string][]byte{
 			"model.safetensors": rawHeader(`{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,99]}}`, make([]byte, 16)),
 		}), ErrInvalid, "model.safetensors"},

@@ -49,6 +49,7 @@ type sourceFile struct {
 	header *safetensors.Header // weights files only
 	buf    *Buffer
 	file   *File
+	sourceInfo
 }
 
 // Load reads the model folder dir into memory and commits it as the next
@@ -70,7 +71,7 @@ func (s *Store) Load(ctx context.Context, name, dir string, opts LoadOptions) (*
 	if err != nil {
 		return nil, errorf(ErrInvalid, "model folder %s: %w", dir, err)
 	}
-	files, err := scanFolder(abs)
+	abs, files, err := scanFolder(abs)
 	if err != nil {
 		return nil, err
 	}
@@ -125,62 +126,58 @@ func (s *Store) Load(ctx context.Context, name, dir string, opts LoadOptions) (*
 	return v, nil
 }
 
-// scanFolder lists the regular files of a model folder (following symlinks,
-// as in a Hugging Face cache snapshot) and validates every safetensors header.
-func scanFolder(root string) ([]*sourceFile, error) {
-	st, err := os.Stat(root)
+// scanFolder resolves a model folder (store/source.go) and lists the
+// regular files it may serve, with their owners and permission bits; it
+// refuses a folder that is not a model and validates every safetensors
+// header. It returns the resolved folder.
+func scanFolder(dir string) (string, []*sourceFile, error) {
+	sf, err := resolveFolder(dir)
 	if err != nil {
-		return nil, errorf(ErrInvalid, "model folder %s: %w", root, err)
+		return "", nil, err
 	}
-	if !st.IsDir() {
-		return nil, errorf(ErrInvalid, "model folder %s: not a directory", root)
-	}
+	root := sf.root
 	var files []*sourceFile
 	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return errorf(ErrInvalid, "model folder %s: %w", root, err)
 		}
-		if p == root {
-			return nil
-		}
-		if d.IsDir() {
-			// .git, .cache, .huggingface: bookkeeping, not model files.
-			if strings.HasPrefix(d.Name(), ".") {
-				return filepath.SkipDir
-			}
-			return nil
-		}
-		info, err := os.Stat(p) // follows symlinks into blobs/
-		if err != nil {
-			return errorf(ErrInvalid, "model file %s: %w", p, err)
-		}
-		if !info.Mode().IsRegular() {
-			return nil
-		}
 		rel, err := filepath.Rel(root, p)
 		if err != nil {
 			return errorf(ErrInvalid, "model file %s: %w", p, err)
 		}
-		files = append(files, &sourceFile{rel: filepath.ToSlash(rel), abs: p, size: info.Size()})
+		if d.IsDir() {
+			// .git, .cache, .huggingface: bookkeeping, not model files.
+			if p != root && strings.HasPrefix(d.Name(), ".") {
+				return filepath.SkipDir
+			}
+			return sf.dirAttrs(filepath.ToSlash(rel), p)
+		}
+		real, regular, err := sf.check(p, d)
+		if err != nil || !regular {
+			return err
+		}
+		f := &sourceFile{rel: filepath.ToSlash(rel), abs: p}
+		f.real, f.folder = real, sf
+		files = append(files, f)
 		return nil
 	})
 	if err != nil {
-		return nil, err
+		return "", nil, err
 	}
-	if len(files) == 0 {
-		return nil, errorf(ErrInvalid, "model folder %s: no files", root)
+	if err := sf.checkModel(files); err != nil {
+		return "", nil, err
 	}
 	for _, f := range files {
-		if !strings.HasSuffix(f.rel, ".safetensors") {
-			continue
+		if err := sf.identify(f); err != nil {
+			return "", nil, err
 		}
-		h, err := readHeader(f.abs, f.size)
-		if err != nil {
-			return nil, err
+		if strings.HasSuffix(f.rel, ".safetensors") {
+			if err := f.parseHeader(); err != nil {
+				return "", nil, err
+			}
 		}
-		f.header = h
 	}
-	return files, nil
+	return root, files, nil
 }
 
 func readHeader(file string, size int64) (*safetensors.Header, error) {
@@ -212,9 +209,9 @@ func checkIndexes(root string, files []*sourceFile) error {
 		if !strings.HasSuffix(idx.rel, IndexSuffix) {
 			continue
 		}
-		raw, err := os.ReadFile(idx.abs)
+		raw, err := idx.readAll()
 		if err != nil {
-			return errorf(ErrInvalid, "load %s: %w", idx.abs, err)
+			return err
 		}
 		var si shardIndex
 		if err := json.Unmarshal(raw, &si); err != nil {
@@ -311,7 +308,7 @@ func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, gp
 	var chunks []chunk
 	remaining := make([]atomic.Int64, len(files))
 	for i, f := range files {
-		if handles[i], err = os.Open(f.abs); err != nil {
+		if handles[i], err = f.open(); err != nil {
 			return nil, errorf(ErrInvalid, "load %s: %w", f.abs, err)
 		}
 		if f.buf, err = s.arena.NewBuffer(f.rel, f.size); err != nil {
@@ -400,7 +397,8 @@ func newFile(sf *sourceFile) *File {
 	if sf.header != nil {
 		kind = Weights
 	}
-	return &File{name: path.Base(sf.rel), path: sf.rel, kind: kind, source: sf.abs, header: sf.header, buf: sf.buf}
+	return &File{name: path.Base(sf.rel), path: sf.rel, kind: kind, source: sf.abs, header: sf.header, buf: sf.buf,
+		attrs: sf.attrs}
 }
 
 // replication copies weights files to the GPUs one after another, as their
@@ -471,7 +469,11 @@ func checkUnchanged(files []*sourceFile, handles []*os.File) error {
 // numbers.
 func (s *Store) buildVersion(root string, files []*sourceFile) *Version {
 	sort.Slice(files, func(i, j int) bool { return files[i].rel < files[j].rel })
-	v := &Version{source: root, root: &Dir{ino: s.newIno()}}
+	var folder *sourceFolder
+	if len(files) > 0 {
+		folder = files[0].folder
+	}
+	v := &Version{source: root, root: &Dir{ino: s.newIno(), attrs: folder.dirAttrsOf(".")}}
 	dirs := map[string]*Dir{".": v.root}
 	var dirFor func(rel string) *Dir
 	dirFor = func(rel string) *Dir {
@@ -479,7 +481,7 @@ func (s *Store) buildVersion(root string, files []*sourceFile) *Version {
 			return d
 		}
 		parent := dirFor(path.Dir(rel))
-		d := &Dir{name: path.Base(rel), ino: s.newIno()}
+		d := &Dir{name: path.Base(rel), ino: s.newIno(), attrs: folder.dirAttrsOf(rel)}
 		parent.dirs = append(parent.dirs, d)
 		dirs[rel] = d
 		return d

@@ -48,7 +48,7 @@ func TestLoadRefusals(t *testing.T) {
 		sub   string            // a word of the problem
 	}{
 		{"missing folder", nil, "", "no such file"},
-		{"empty folder", map[string][]byte{}, "", "no files"},
+		{"empty folder", map[string][]byte{}, "", "no .safetensors file"},
 		{"truncated weights", map[string][]byte{"model.safetensors": good[:len(good)-1]}, "model.safetensors", ""},
 		{"header is not JSON", map[string][]byte{"model.safetensors": append([]byte{4, 0, 0, 0, 0, 0, 0, 0}, "nope"...)},
 			"model.safetensors", ""},
@@ -76,6 +76,9 @@ func TestLoadRefusals(t *testing.T) {
 				}
 				for rel, b := range c.files {
 					writeFile(t, filepath.Join(dir, rel), b)
+				}
+				if len(c.files) > 0 { // a model folder, but for the fault
+					writeFile(t, filepath.Join(dir, "config.json"), []byte("{}"))
 				}
 			}
 			_, err := s.Load(context.Background(), "m", dir, LoadOptions{})

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"sort"
 	"strings"
 	"sync"
@@ -300,6 +301,7 @@ func (v *Version) free() error {
 type Dir struct {
 	name  string
 	ino   uint64
+	attrs attrs   // owner, group and permission bits (store/source.go)
 	dirs  []*Dir  // name order
 	files []*File // name order
 }
@@ -309,6 +311,16 @@ func (d *Dir) Name() string { return d.name }
 
 // Ino is the directory's stable inode number.
 func (d *Dir) Ino() uint64 { return d.ino }
+
+// Owner is the uid and gid of the source folder, which the directory keeps
+// on the mount. A version's root directory is owned as the model folder is.
+func (d *Dir) Owner() (uid, gid uint32) { return d.attrs.uid, d.attrs.gid }
+
+// Perm is the directory's permission bits on the mount: its source folder's
+// read and search bits (never write bits). For a version's root, the bits of
+// a class of users that cannot reach the model folder (a folder above it
+// denies them search) are cleared.
+func (d *Dir) Perm() os.FileMode { return d.attrs.perm }
 
 // Dirs are the subdirectories in name order.
 func (d *Dir) Dirs() []*Dir { return d.dirs }
@@ -342,6 +354,7 @@ type File struct {
 	source string
 	header *safetensors.Header
 	buf    *Buffer
+	attrs  attrs // owner, group and permission bits (store/source.go)
 
 	// Set while loading, cleared when the version is freed.
 	mu       sync.RWMutex
@@ -357,6 +370,15 @@ func (f *File) Path() string { return f.path }
 
 // Ino is the file's stable inode number.
 func (f *File) Ino() uint64 { return f.ino }
+
+// Owner is the uid and gid of the file's source, which it keeps on the mount.
+func (f *File) Owner() (uid, gid uint32) { return f.attrs.uid, f.attrs.gid }
+
+// Perm is the file's permission bits on the mount: its source's read bits
+// (never write or execute bits); for a file reached through a symlink, the
+// bits of a class of users that cannot search the folders of its target are
+// cleared.
+func (f *File) Perm() os.FileMode { return f.attrs.perm }
 
 // Kind says whether this is a weights file.
 func (f *File) Kind() Kind { return f.kind }

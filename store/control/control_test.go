@@ -309,6 +309,7 @@ func TestErrors(t *testing.T) {
 	writeFile(t, filepath.Join(malformed, "model.safetensors"),
 		rawSafetensors(`{"x":{"dtype":"F32","shape":[4],"data_offsets":[0,99]}}`, make([]byte, 16)))
 	badIndex := t.TempDir()
+	writeFile(t, filepath.Join(badIndex, "config.json"), []byte("{}"))
 	writeFile(t, filepath.Join(badIndex, "model.safetensors"), modelBytes)
 	writeFile(t, filepath.Join(badIndex, "model.safetensors.index.json"), []byte(`{"weight_map": {"w": "model-2.safetensors"}}`))
 	const budget = 32 << 10
