@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -116,9 +117,29 @@ func TestValidateModelName(t *testing.T) {
 	for name, ok := range map[string]bool{
 		"qwen3-8b": true, "Llama 3.1 (8B)": true, "": false, ".hidden": false, "a/b": false, "a@2": false,
 		"nul\x00": false, "bad\xffutf8": false, strings.Repeat("x", 201): false, strings.Repeat("x", 200): true,
+		"a\nb": false, "evil\x1b[2J": false, "del\x7f": false, "tab\t": false, "cr\r": false, "c1\u0085": false,
+		"ls\u2028": false, "ps\u2029": false, "Qwen3 日本語 é": true,
 	} {
-		if err := ValidateModelName(name); (err == nil) != ok {
+		err := ValidateModelName(name)
+		if (err == nil) != ok {
 			t.Errorf("ValidateModelName(%q) = %v, want ok=%v", name, err, ok)
+		}
+		if err != nil && name != "" && (!errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), fmt.Sprintf("%q", name)) ||
+			strings.ContainsFunc(err.Error(), isControl)) {
+			t.Errorf("ValidateModelName(%q) = %q: want ErrInvalid quoting the name safely", name, err)
+		}
+	}
+	// Through the store: load, unload and verify.
+	s := newTestStore(t, Budgets{})
+	for _, name := range []string{"a\nb", "esc\x1b]0;pwned\x07"} {
+		if _, err := s.Load(context.Background(), name, t.TempDir(), LoadOptions{}); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "control characters") {
+			t.Errorf("load as %q: %v", name, err)
+		}
+		if _, err := s.Unload(name, 0); !errors.Is(err, ErrInvalid) {
+			t.Errorf("unload of %q: %v", name, err)
+		}
+		if _, _, err := s.Verify(context.Background(), name, 0); !errors.Is(err, ErrInvalid) {
+			t.Errorf("verify of %q: %v", name, err)
 		}
 	}
 }

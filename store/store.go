@@ -13,6 +13,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/weightfs/weightfs/cuda"
@@ -179,7 +180,8 @@ func (s *Store) checkOpen(what string) error {
 }
 
 // ValidateModelName checks a model name (ErrInvalid): it becomes a file name
-// on the mount and "NAME@N" names its versions.
+// on the mount and "NAME@N" names its versions; it is shown in listings and
+// logs, so it may hold no control characters or line breaks.
 func ValidateModelName(name string) error {
 	switch {
 	case name == "":
@@ -192,9 +194,15 @@ func ValidateModelName(name string) error {
 		return errorf(ErrInvalid, "model name %q must not start with '.'", name)
 	case strings.ContainsAny(name, "/@\x00"):
 		return errorf(ErrInvalid, "model name %q must not contain '/', '@' or NUL", name)
+	case strings.ContainsFunc(name, isControl):
+		return errorf(ErrInvalid, "model name %q must not contain control characters or line breaks", name)
 	}
 	return nil
 }
+
+// isControl: a character that would let a name rewrite a terminal, a log
+// line or a listing (newline, ESC, DEL, C1 controls, U+2028/U+2029).
+func isControl(r rune) bool { return unicode.IsControl(r) || unicode.In(r, unicode.Zl, unicode.Zp) }
 
 // Model is a named series of versions.
 type Model struct {

@@ -681,8 +681,8 @@ func TestListen(t *testing.T) {
 		t.Errorf("a second Listen on a live socket: %v", err)
 	}
 	// Left by a daemon that died: replaced.
-	l.(*net.UnixListener).SetUnlinkOnClose(false)
-	l.Close()
+	l.ul.Close() // unlinks nothing
+
 	if l, err = Listen(sock); err != nil {
 		t.Fatalf("Listen over a stale socket: %v", err)
 	}

@@ -3,6 +3,7 @@ package control
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/http"
 
 	"github.com/weightfs/weightfs/store"
@@ -15,6 +16,10 @@ const (
 	CodeBusy     = "busy"      // 409: conflicts with the daemon's state
 	CodeNoMemory = "no_memory" // 507: a budget or the machine cannot hold it
 	CodeInternal = "internal"  // 500: anything else
+	// CodeForbidden (403): the peer's uid may not drive the daemon. It is
+	// the socket's answer, not a store error's; on the client's side it
+	// matches fs.ErrPermission.
+	CodeForbidden = "forbidden"
 )
 
 // ErrorBody is a failed request's answer, {"error": ErrorBody}, and a failed
@@ -76,6 +81,9 @@ func (e *Error) Unwrap() []error {
 		if c.code == e.Code {
 			out = append(out, c.kind)
 		}
+	}
+	if e.Code == CodeForbidden {
+		out = append(out, fs.ErrPermission)
 	}
 	if e.Budget != nil {
 		out = append(out, e.Budget)
