@@ -430,6 +430,7 @@ type Load struct {
 	Name, Source string
 	Started      time.Time
 	done, total  atomic.Int64
+	cancel       context.CancelCauseFunc
 }
 
 // Progress is the bytes copied so far and the total.

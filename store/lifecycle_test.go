@@ -313,48 +313,6 @@ func TestLoadErrors(t *testing.T) {
 		}
 	})
 
-	t.Run("source changed while loading", func(t *testing.T) {
-		for _, change := range []struct {
-			what string
-			do   func(path string) error
-			want string
-		}{
-			{"grows", func(p string) error {
-				f, err := os.OpenFile(p, os.O_APPEND|os.O_WRONLY, 0)
-				if err != nil {
-					return err
-				}
-				defer f.Close()
-				_, err = f.Write([]byte("more"))
-				return err
-			}, "changed size"},
-			{"shrinks", func(p string) error { return os.Truncate(p, 100) }, "file changed while loading"},
-		} {
-			t.Run(change.what, func(t *testing.T) {
-				dir := writeFolder(t, 1<<20)
-				s := newTestStore(t, Budgets{})
-				var first bool
-				var changeErr error
-				_, err := s.Load(context.Background(), "m", dir, LoadOptions{Readers: 1, ChunkSize: 64 << 10,
-					Progress: func(done, total int64) {
-						if !first {
-							first = true
-							changeErr = change.do(filepath.Join(dir, "model.safetensors"))
-						}
-					}})
-				if changeErr != nil {
-					t.Fatal(changeErr)
-				}
-				if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), change.want) || !strings.Contains(err.Error(), "model.safetensors") {
-					t.Errorf("load of a source that %s: %v; want ErrInvalid naming the file and %q", change.what, err, change.want)
-				}
-				if s.Model("m") != nil || s.Usage().HostReserved != 0 {
-					t.Error("a failed load left something behind")
-				}
-			})
-		}
-	})
-
 	t.Run("cancelled", func(t *testing.T) {
 		s := newTestStore(t, Budgets{})
 		ctx, cancel := context.WithCancel(context.Background())

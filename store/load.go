@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"log/slog"
+	"math"
 	"os"
 	"path"
 	"path/filepath"
@@ -57,8 +59,12 @@ type sourceFile struct {
 // copied; shards named by a *.safetensors.index.json must agree with it.
 // Nothing becomes visible unless every file loaded; errors name the file and
 // the problem. A bad name or folder, a malformed file, an index disagreeing
-// with its shards and a source that changed while it was read are ErrInvalid;
-// a budget refusal is a *BudgetError (ErrNoMemory); a closed store is ErrBusy.
+// with its shards and a source that changed while it was read are ErrInvalid
+// (a change is first retried once: the folder is read again); a budget
+// refusal is a *BudgetError (ErrNoMemory); a closed store is ErrBusy. The load
+// ends at its next step when ctx ends or Cancel names it, with an error that
+// matches context.Canceled. The store logs its start, its progress every
+// few seconds, and its end when it loaded or was cancelled.
 func (s *Store) Load(ctx context.Context, name, dir string, opts LoadOptions) (*Version, error) {
 	if err := ValidateModelName(name); err != nil {
 		return nil, err
@@ -71,11 +77,68 @@ func (s *Store) Load(ctx context.Context, name, dir string, opts LoadOptions) (*
 	if err != nil {
 		return nil, errorf(ErrInvalid, "model folder %s: %w", dir, err)
 	}
-	abs, files, err := scanFolder(abs)
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	load := &Load{Name: name, Source: abs, Started: start, cancel: cancel}
+	s.mu.Lock()
+	s.loads[load] = true
+	s.mu.Unlock()
+	defer s.endLoad(load)
+	stopLog := s.logProgress(load)
+	v, err := s.loadFolder(ctx, load, opts)
+	if errors.Is(err, errSourceChanged) && ctx.Err() == nil {
+		s.log.Warn("a source changed while it was read; loading the folder again", "model", name, "err", err)
+		v, err = s.loadFolder(ctx, load, opts)
+	}
+	stopLog()
+	// Once off the list of loads in progress, Cancel no longer finds the
+	// load: a cancel either comes before this and is honoured, or finds none.
+	s.endLoad(load)
+	if err == nil && ctx.Err() != nil {
+		v.free()
+	}
+	if ctx.Err() != nil {
+		cause := context.Cause(ctx)
+		if cause == context.Canceled {
+			cause = errCancelled
+		}
+		done, total := load.Progress()
+		s.log.Info("load cancelled", "model", name, "source", abs, "done", done, "total", total, "reason", cause.Error())
+		return nil, fmt.Errorf("load %s from %s: %w", name, abs, cause)
+	}
+	if err != nil {
+		return nil, err
+	}
+	v.loadTime = time.Since(start)
+	v.loadedAt = time.Now()
+	if err := s.commit(name, v); err != nil {
+		v.free()
+		return nil, err
+	}
+	s.log.Info("loaded", "version", v.Name(), "files", len(v.files), "bytes", v.bytes,
+		"seconds", v.loadTime.Seconds(), "source", abs)
+	return v, nil
+}
+
+// afterScan, when set (tests), runs once a load has scanned its folder and
+// before it opens the files to copy them.
+var afterScan func(root string)
+
+// loadFolder is one try at loading the folder of a load: scan, reserve,
+// copy. It stops between steps when ctx ends.
+func (s *Store) loadFolder(ctx context.Context, load *Load, opts LoadOptions) (*Version, error) {
+	name := load.Name
+	abs, files, err := scanFolder(load.Source, s.log)
 	if err != nil {
 		return nil, err
 	}
 	if err := checkIndexes(abs, files); err != nil {
+		return nil, err
+	}
+	if afterScan != nil {
+		afterScan(abs)
+	}
+	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
 	var hostNeed, gpuNeed int64
@@ -94,16 +157,9 @@ func (s *Store) Load(ctx context.Context, name, dir string, opts LoadOptions) (*
 		return nil, err
 	}
 	defer release()
-	load := &Load{Name: name, Source: abs, Started: start}
+	load.done.Store(0)
 	load.total.Store(hostNeed)
-	s.mu.Lock()
-	s.loads[load] = true
-	s.mu.Unlock()
-	defer func() {
-		s.mu.Lock()
-		delete(s.loads, load)
-		s.mu.Unlock()
-	}()
+	s.log.Info("loading", "model", name, "source", abs, "files", len(files), "bytes", hostNeed)
 	progress := opts.Progress
 	opts.Progress = func(done, total int64) {
 		load.done.Store(done)
@@ -111,26 +167,76 @@ func (s *Store) Load(ctx context.Context, name, dir string, opts LoadOptions) (*
 			progress(done, total)
 		}
 	}
-	v, err := s.copyIn(ctx, abs, files, gpuNeed, opts)
-	if err != nil {
-		return nil, err
+	return s.copyIn(ctx, abs, files, gpuNeed, opts)
+}
+
+// endLoad takes a load off the list of loads in progress.
+func (s *Store) endLoad(load *Load) {
+	s.mu.Lock()
+	delete(s.loads, load)
+	s.mu.Unlock()
+}
+
+// Cancel cancels the loads of model name in progress and returns them (none:
+// nil). Each ends at its next step, frees what it took and returns an error
+// that matches context.Canceled; nothing of it becomes visible.
+func (s *Store) Cancel(name string) []*Load {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	var out []*Load
+	for l := range s.loads {
+		if l.Name == name {
+			l.cancel(errCancelled)
+			out = append(out, l)
+		}
 	}
-	v.loadTime = time.Since(start)
-	v.loadedAt = time.Now()
-	if err := s.commit(name, v); err != nil {
-		v.free()
-		return nil, err
+	sort.Slice(out, func(i, j int) bool { return out[i].Started.Before(out[j].Started) })
+	return out
+}
+
+// logProgress logs a load's progress every s.logEvery until stop is called;
+// stop returns once nothing more will be logged.
+func (s *Store) logProgress(l *Load) (stop func()) {
+	every := s.logEvery
+	if every <= 0 {
+		every = DefaultLogEvery
 	}
-	s.log.Info("loaded", "version", v.Name(), "files", len(v.files), "bytes", v.bytes,
-		"seconds", v.loadTime.Seconds(), "source", abs)
-	return v, nil
+	tick := time.NewTicker(every)
+	quit, exited := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(exited)
+		for {
+			select {
+			case <-quit:
+				return
+			case <-tick.C:
+			}
+			done, total := l.Progress()
+			if total == 0 { // still scanning
+				continue
+			}
+			secs := time.Since(l.Started).Seconds()
+			s.log.Info("load progress", "model", l.Name, "done", done, "total", total,
+				"percent", math.Round(1000*float64(done)/float64(total))/10, "bytes_per_second", int64(float64(done)/secs))
+		}
+	}()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			tick.Stop()
+			close(quit)
+			<-exited
+		})
+	}
 }
 
 // scanFolder resolves a model folder (store/source.go) and lists the
 // regular files it may serve, with their owners and permission bits; it
 // refuses a folder that is not a model and validates every safetensors
-// header. It returns the resolved folder.
-func scanFolder(dir string) (string, []*sourceFile, error) {
+// header. It returns the resolved folder. Special files (named pipes,
+// devices, sockets) are skipped with a logged reason: nothing in a model
+// folder may block a load.
+func scanFolder(dir string, log *slog.Logger) (string, []*sourceFile, error) {
 	sf, err := resolveFolder(dir)
 	if err != nil {
 		return "", nil, err
@@ -153,8 +259,14 @@ func scanFolder(dir string) (string, []*sourceFile, error) {
 			return sf.dirAttrs(filepath.ToSlash(rel), p)
 		}
 		real, regular, err := sf.check(p, d)
-		if err != nil || !regular {
+		if err != nil {
 			return err
+		}
+		if !regular {
+			if info, err := os.Stat(p); err == nil && !info.IsDir() {
+				log.Warn("skipping a file of the model folder that is not a regular file", "file", p, "type", specialFile(info.Mode()))
+			}
+			return nil
 		}
 		f := &sourceFile{rel: filepath.ToSlash(rel), abs: p}
 		f.real, f.folder = real, sf
@@ -178,19 +290,6 @@ func scanFolder(dir string) (string, []*sourceFile, error) {
 		}
 	}
 	return root, files, nil
-}
-
-func readHeader(file string, size int64) (*safetensors.Header, error) {
-	fh, err := os.Open(file)
-	if err != nil {
-		return nil, errorf(ErrInvalid, "load %s: %w", file, err)
-	}
-	defer fh.Close()
-	h, err := safetensors.ReadHeader(fh, size)
-	if err != nil {
-		return nil, errorf(ErrInvalid, "load %s: %w", file, err)
-	}
-	return h, nil
 }
 
 // shardIndex is the part of model.safetensors.index.json that matters.
@@ -286,6 +385,7 @@ func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, gp
 		chunkSize = defaultChunkSize
 	}
 	handles := make([]*os.File, len(files))
+	ids := make([]fileID, len(files))
 	defer func() {
 		for _, h := range handles {
 			if h != nil {
@@ -309,7 +409,16 @@ func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, gp
 	remaining := make([]atomic.Int64, len(files))
 	for i, f := range files {
 		if handles[i], err = f.open(); err != nil {
-			return nil, errorf(ErrInvalid, "load %s: %w", f.abs, err)
+			return nil, err
+		}
+		if ids[i], err = fdID(handles[i]); err != nil {
+			return nil, fmt.Errorf("load %s: %w", f.abs, err)
+		}
+		if ids[i].size != f.size {
+			return nil, errorf(ErrInvalid, "load %s: %w: its size went from %d to %d bytes", f.abs, errSourceChanged, f.size, ids[i].size)
+		}
+		if err := ctx.Err(); err != nil {
+			return nil, err
 		}
 		if f.buf, err = s.arena.NewBuffer(f.rel, f.size); err != nil {
 			return nil, fmt.Errorf("load %s: %w", f.abs, err)
@@ -342,10 +451,13 @@ func (s *Store) copyIn(ctx context.Context, root string, files []*sourceFile, gp
 		go func() {
 			defer wg.Done()
 			for c := range work {
+				if ctx.Err() != nil {
+					continue // cancelled or failed: drain
+				}
 				f := files[c.file]
 				dst := f.buf.Bytes()[c.off : c.off+c.n]
 				if _, err := handles[c.file].ReadAt(dst, c.off); errors.Is(err, io.EOF) {
-					fail(errorf(ErrInvalid, "load %s: file changed while loading: it ends before offset %d", f.abs, c.off+c.n))
+					fail(errorf(ErrInvalid, "load %s: %w: it ends before offset %d", f.abs, errSourceChanged, c.off+c.n))
 					continue
 				} else if err != nil {
 					fail(fmt.Errorf("load %s: read %d bytes at offset %d: %w", f.abs, c.n, c.off, err))
@@ -378,7 +490,7 @@ feed:
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("load %s: %w", root, err)
 	}
-	if err := checkUnchanged(files, handles); err != nil {
+	if err := checkUnchanged(files, handles, ids); err != nil {
 		return nil, err
 	}
 	if gpuErr != nil {
@@ -440,25 +552,34 @@ func (r *replication) wait() error {
 }
 
 // checkUnchanged re-validates what was copied: a source that changed while it
-// was read must not be served as if it were whole.
-func checkUnchanged(files []*sourceFile, handles []*os.File) error {
+// was read must not be served as if it were whole. Each open file (fstat) and
+// the file its path names now (stat) must be what was opened (ids): the same
+// inode, size, mtime and ctime; and a weights file's copied header must parse
+// as the one validated before the copy. A change is errSourceChanged.
+func checkUnchanged(files []*sourceFile, handles []*os.File, ids []fileID) error {
 	for i, f := range files {
-		st, err := handles[i].Stat()
+		now, err := fdID(handles[i])
 		if err != nil {
 			return fmt.Errorf("load %s: %w", f.abs, err)
 		}
-		if st.Size() != f.size {
-			return errorf(ErrInvalid, "load %s: file changed size while loading (%d → %d bytes)", f.abs, f.size, st.Size())
+		if d := ids[i].diff(now); d != "" {
+			return errorf(ErrInvalid, "load %s: %w: %s", f.abs, errSourceChanged, d)
+		}
+		if now, err = statID(f.abs); err != nil {
+			return errorf(ErrInvalid, "load %s: %w: %w", f.abs, errSourceChanged, err)
+		}
+		if d := ids[i].diff(now); d != "" {
+			return errorf(ErrInvalid, "load %s: %w: at its path, %s", f.abs, errSourceChanged, d)
 		}
 		if f.header == nil {
 			continue
 		}
 		h, err := safetensors.ReadHeader(bytes.NewReader(f.buf.Bytes()), f.size)
 		if err != nil {
-			return errorf(ErrInvalid, "load %s: file changed while loading: %w", f.abs, err)
+			return errorf(ErrInvalid, "load %s: %w: %w", f.abs, errSourceChanged, err)
 		}
 		if h.HeaderSize != f.header.HeaderSize || len(h.Tensors) != len(f.header.Tensors) {
-			return errorf(ErrInvalid, "load %s: file changed while loading: header differs", f.abs)
+			return errorf(ErrInvalid, "load %s: %w: its header differs", f.abs, errSourceChanged)
 		}
 		f.header = h
 	}

@@ -325,7 +325,7 @@ func openSource(real, abs string) (*os.File, *unix.Stat_t, error) {
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		fh.Close()
-		return nil, nil, errorf(ErrInvalid, "model file %s: not a regular file", abs)
+		return nil, nil, errorf(ErrInvalid, "model file %s: not a regular file but %s", abs, fileType(st.Mode))
 	}
 	return fh, &st, nil
 }

@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -138,7 +139,7 @@ func TestSourceSwappedFileRefused(t *testing.T) {
 	writeFile(t, secret, []byte("root:$6$secret\n"))
 	dir := srcModel(t, t.TempDir())
 	writeFile(t, filepath.Join(dir, "tokenizer.json"), []byte("{}"))
-	_, files, err := scanFolder(dir)
+	_, files, err := scanFolder(dir, slog.Default())
 	if err != nil {
 		t.Fatal(err)
 	}

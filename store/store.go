@@ -34,6 +34,7 @@ type Store struct {
 	draining []*Version       // unloaded, still in use
 	onRemove []func(*Version) // told of every version leaving the mount
 	loads    map[*Load]bool   // loads in progress
+	logEvery time.Duration    // how often a load in progress is logged
 	// lastNumber outlives a model's unload: version numbers are never reused.
 	lastNumber map[string]int
 
@@ -54,12 +55,19 @@ type Options struct {
 	GPUs *GPUs
 	// Budgets limit host and GPU memory (zero: no limit).
 	Budgets Budgets
+	// LogEvery is how often a load in progress logs its progress
+	// (default DefaultLogEvery).
+	LogEvery time.Duration
 }
+
+// DefaultLogEvery is how often a load in progress logs its progress, for
+// journalctl and kubectl logs.
+const DefaultLogEvery = 5 * time.Second
 
 // New creates an empty store whose host images live in arena. The store owns
 // the arena from now on and closes it in Close.
 func New(arena *Arena, opts Options) *Store {
-	s := &Store{arena: arena, log: opts.Logger, gpus: opts.GPUs, budgets: opts.Budgets,
+	s := &Store{arena: arena, log: opts.Logger, gpus: opts.GPUs, budgets: opts.Budgets, logEvery: opts.LogEvery,
 		models: map[string]*Model{}, loads: map[*Load]bool{}, lastNumber: map[string]int{}}
 	if s.log == nil {
 		s.log = slog.Default()

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -68,7 +69,7 @@ and mounts them with FUSE as read-only Hugging Face model folders.
 			return unknownCommand(root, args)
 		},
 	})
-	root.AddCommand(a.mountCommand(), a.loadCommand(), a.unloadCommand(), a.listCommand(),
+	root.AddCommand(a.mountCommand(), a.loadCommand(), a.unloadCommand(), a.cancelCommand(), a.listCommand(),
 		a.statusCommand(), a.verifyCommand())
 	root.InitDefaultCompletionCmd()
 	completion, _, _ := root.Find([]string{"completion"})
@@ -77,7 +78,7 @@ and mounts them with FUSE as read-only Hugging Face model folders.
 		c.RunE = func(c *cobra.Command, _ []string) error { // no subcommand: help on stderr
 			c.SetOut(a.stderr)
 			c.HelpFunc()(c, nil)
-			return exitCode(2)
+			return statusError{nil, 2}
 		}
 	}
 	return root
@@ -141,9 +142,12 @@ func (a *app) logger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(a.stderr, nil))
 }
 
-// show writes v as JSON with --json, else as text for people.
-func show[T any](a *app, v T, text func(io.Writer, T)) error {
-	if !a.json {
+// show writes v as JSON with --json, else as text for people; it returns
+// err, the error of the request that got v, if there is one.
+func show[T any](a *app, v T, err error, text func(io.Writer, T)) error {
+	if err != nil {
+		return err
+	} else if !a.json {
 		text(a.stdout, v)
 		return nil
 	}
@@ -167,77 +171,66 @@ func (a *app) loadCommand() *cobra.Command {
 				progress, done = nil, func() {}
 			}
 			v, err := a.client().Load(ctx, args[0], args[1], progress)
-			if done(); err != nil {
+			if done(); ctx.Err() != nil {
+				return statusError{errors.New(report.Interrupted(args[0])), 130}
+			} else if err != nil {
 				return err
 			} else if v.GPUError != "" {
 				a.logger().Warn(v.Name+" is host-only", "err", v.GPUError)
 			}
-			return show(a, map[string]any{"version": v}, func(w io.Writer, _ map[string]any) { report.Loaded(w, v) })
+			return show(a, map[string]any{"version": v}, nil, func(w io.Writer, _ map[string]any) { report.Loaded(w, v) })
 		},
 	}
 }
 
 func (a *app) unloadCommand() *cobra.Command {
 	var number int
-	c := &cobra.Command{
-		Use: "unload NAME", Short: "Take a model (or one version) off the mount; freed when unused",
-		Args: nargs(1, 1), ValidArgsFunction: a.completeModels,
-		RunE: func(c *cobra.Command, args []string) error {
+	c := &cobra.Command{Use: "unload NAME", Short: "Take a model (or one version) off the mount; freed when unused",
+		Args: nargs(1, 1), ValidArgsFunction: a.completeModels, RunE: func(c *cobra.Command, args []string) error {
 			if number < 0 {
 				return usagef("unload: --version %d: want a version number", number)
 			}
 			gone, err := a.client().Unload(c.Context(), args[0], number)
-			if err != nil {
-				return err
-			}
-			return show(a, control.Unloaded{Unloaded: gone}, func(w io.Writer, u control.Unloaded) { report.Unloaded(w, u.Unloaded) })
-		},
-	}
+			return show(a, control.Unloaded{Unloaded: gone}, err, func(w io.Writer, u control.Unloaded) { report.Unloaded(w, u.Unloaded) })
+		}}
 	c.Flags().IntVar(&number, "version", 0, "unload only this version (default: all)")
 	return c
 }
 
+func (a *app) cancelCommand() *cobra.Command {
+	return &cobra.Command{Use: "cancel NAME", Short: "Stop the loads of NAME in progress in the daemon",
+		Args: nargs(1, 1), ValidArgsFunction: a.completeModels, RunE: func(c *cobra.Command, args []string) error {
+			loads, err := a.client().Cancel(c.Context(), args[0])
+			return show(a, control.Cancelled{Cancelled: loads}, err, func(w io.Writer, c control.Cancelled) { report.Cancelled(w, c.Cancelled) })
+		}}
+}
+
 func (a *app) listCommand() *cobra.Command {
-	return &cobra.Command{
-		Use: "ls", Aliases: []string{"list"}, Short: "List models and versions", Args: nargs(0, 0),
+	return &cobra.Command{Use: "ls", Aliases: []string{"list"}, Short: "List models and versions", Args: nargs(0, 0),
 		RunE: func(c *cobra.Command, _ []string) error {
 			l, err := a.client().List(c.Context())
-			if err != nil {
-				return err
-			}
-			return show(a, l, func(w io.Writer, l *control.List) { report.Versions(w, l.Models, l.Draining) })
-		},
-	}
+			return show(a, l, err, func(w io.Writer, l *control.List) { report.Versions(w, l.Models, l.Draining) })
+		}}
 }
 
 func (a *app) statusCommand() *cobra.Command {
-	return &cobra.Command{
-		Use: "status", Short: "Show memory, GPUs, versions and loads in progress", Args: nargs(0, 0),
+	return &cobra.Command{Use: "status", Short: "Show memory, GPUs, versions and loads in progress", Args: nargs(0, 0),
 		RunE: func(c *cobra.Command, _ []string) error {
 			st, err := a.client().Status(c.Context())
-			if err != nil {
-				return err
-			}
-			return show(a, st, report.Status)
-		},
-	}
+			return show(a, st, err, report.Status)
+		}}
 }
 
 func (a *app) verifyCommand() *cobra.Command {
 	var number int
-	c := &cobra.Command{
-		Use: "verify NAME", Short: "Re-read a version's source and compare it with what is served",
-		Args: nargs(1, 1), ValidArgsFunction: a.completeModels,
-		RunE: func(c *cobra.Command, args []string) error {
+	c := &cobra.Command{Use: "verify NAME", Short: "Re-read a version's source and compare it with what is served",
+		Args: nargs(1, 1), ValidArgsFunction: a.completeModels, RunE: func(c *cobra.Command, args []string) error {
 			out, err := a.client().Verify(c.Context(), args[0], number)
-			if err != nil {
-				return err
-			} else if err := show(a, out, report.Verified); err != nil || out.OK {
+			if err := show(a, out, err, report.Verified); err != nil || out.OK {
 				return err
 			}
 			return fmt.Errorf("verify %s: the source differs from what is served", out.Version)
-		},
-	}
+		}}
 	c.Flags().IntVar(&number, "version", 0, "verify this version (default: the current one)")
 	return c
 }

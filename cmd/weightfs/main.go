@@ -3,6 +3,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -17,40 +18,41 @@ import (
 var version string
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	os.Exit(run(context.Background(), os.Args[1:], os.Stdout, os.Stderr))
 }
 
-// usageError is a mistake on the command line: exit status 2.
-type usageError struct{ error }
+// statusError ends a command with its own exit status and, unless error is
+// nil, says why: 2 for a mistake on the command line (usagef); 130 (128 +
+// SIGINT, the shell's own for Ctrl-C) for a load Ctrl-C stopped waiting for.
+type statusError struct {
+	error
+	status int
+}
 
-func (e usageError) Unwrap() error { return e.error }
+func (e statusError) Unwrap() error { return e.error }
 
 func usagef(format string, args ...any) error {
-	return usageError{fmt.Errorf(format, args...)}
+	return statusError{fmt.Errorf(format, args...), 2}
 }
 
-// exitCode ends a command with a status and nothing more to say.
-type exitCode int
-
-func (c exitCode) Error() string { return fmt.Sprintf("exit status %d", int(c)) }
-
 // run executes the command line args and returns the exit status: 0, 1 for
-// a failure, 2 for a mistake on the command line. An error is one line on
-// stderr, a JSON record with --log-format json.
-func run(args []string, stdout, stderr io.Writer) int {
+// a failure, 2 for a mistake on the command line, 130 for a load that
+// Ctrl-C (or ctx) stopped waiting for. An error is one line on stderr, a
+// JSON record with --log-format json.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	a := &app{stdout: stdout, stderr: stderr}
 	root := a.commands()
 	root.SetArgs(args)
-	err := root.Execute()
-	var code exitCode
+	err := root.ExecuteContext(ctx)
+	status, se := 1, statusError{}
 	switch {
 	case err == nil:
 		return 0
-	case errors.As(err, &code):
-		return int(code)
-	}
-	status := 1
-	if errors.As(err, new(usageError)) || !a.started {
+	case errors.As(err, &se) && se.error == nil:
+		return se.status
+	case errors.As(err, &se):
+		status = se.status
+	case !a.started:
 		status = 2
 	}
 	msg, attrs := explain(err)

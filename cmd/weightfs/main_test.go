@@ -21,7 +21,7 @@ import (
 func weightfs(t *testing.T, args ...string) (stdout, stderr string, code int) {
 	t.Helper()
 	var out, errOut bytes.Buffer
-	code = run(args, &out, &errOut)
+	code = run(context.Background(), args, &out, &errOut)
 	return out.String(), errOut.String(), code
 }
 

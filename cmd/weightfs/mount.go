@@ -77,7 +77,7 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 	f.store.Logger = log
 	st, closeStore, err := store.Open(f.store)
 	if errors.Is(err, store.ErrInvalid) {
-		return usageError{err}
+		return statusError{err, 2}
 	} else if err != nil {
 		return err
 	}
@@ -109,9 +109,11 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 		defer metricsListener.Close()
 	}
 
+	ctx, cancel := context.WithCancel(context.Background()) // the daemon's lifetime: loads run on it
+	defer cancel()
 	procMem, closeMonitor := store.ProcessMemory(st.GPUs(), log)
 	defer closeMonitor()
-	ctl := control.NewServer(st, control.Options{Logger: log, Version: version, GPUProcessBytes: procMem})
+	ctl := control.NewServer(st, control.Options{Logger: log, Version: version, GPUProcessBytes: procMem, Context: ctx})
 	srv, err := wfs.Mount(mountpoint, st, wfs.Options{
 		ForceCached: f.cached, AllowOther: f.allowOther, Logger: log, Debug: f.debug, AllowUIDs: allowUIDs, AllowGIDs: allowGIDs,
 		Status: statusSource{ctl},
@@ -123,8 +125,6 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 	sig := make(chan os.Signal, 2)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	defer signal.Stop(sig)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	go control.Serve(ctx, controlListener, ctl.Handler(), log, "control socket")
 	if metricsListener != nil {
 		log.Info("metrics", "addr", "http://"+metricsListener.Addr().String()+"/metrics")
@@ -149,6 +149,7 @@ func (a *app) loadModels(ctx context.Context, ctl *control.Server, mountpoint st
 		switch {
 		case ctx.Err() != nil:
 			return
+		case errors.Is(err, context.Canceled): // weightfs cancel: the store logged it
 		case err != nil:
 			msg, attrs := explain(err)
 			log.Error("load failed", append([]any{"model", m.Name, "err", msg}, attrs...)...)

@@ -122,12 +122,24 @@ func (c *Client) Verify(ctx context.Context, name string, version int) (*Verifie
 	return &out, nil
 }
 
+// Cancel cancels the loads of name in progress in the daemon and returns
+// them; none is an *Error matching store.ErrNotFound.
+func (c *Client) Cancel(ctx context.Context, name string) ([]Load, error) {
+	var out Cancelled
+	if err := c.call(ctx, http.MethodPost, "/v1/cancel", CancelRequest{Name: name}, &out); err != nil {
+		return nil, err
+	}
+	return out.Cancelled, nil
+}
+
 // Load loads the folder path as the next version of name; progress, if set,
 // receives the bytes copied and the total as the daemon reports them.
 // A relative path is made absolute here: the daemon's working directory is
 // not the caller's (an empty one is sent as it is, and refused). Cancelling
-// ctx stops the load. The daemon's refusals and failures, before or during
-// the stream, come back as an *Error.
+// ctx stops waiting, not the load: the daemon goes on and commits it (Cancel
+// stops it). The daemon's refusals and failures, before or during the
+// stream, come back as an *Error; a load cancelled in the daemon is one with
+// CodeCanceled, on which errors.Is(err, context.Canceled) holds.
 func (c *Client) Load(ctx context.Context, name, path string, progress func(done, total int64)) (*Version, error) {
 	abs := path
 	if path != "" {

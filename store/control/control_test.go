@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -269,7 +270,7 @@ func rawSafetensors(header string, data []byte) []byte {
 	return b.Bytes()
 }
 
-var allKinds = []error{store.ErrInvalid, store.ErrNotFound, store.ErrBusy, store.ErrNoMemory}
+var allKinds = []error{store.ErrInvalid, store.ErrNotFound, store.ErrBusy, store.ErrNoMemory, context.Canceled}
 
 // checkError checks that err is an *Error with that status, code and kind,
 // and no other kind, whose message mentions want.
@@ -505,36 +506,164 @@ func decodeJSON(r io.Reader, v any) error {
 	return json.Unmarshal(b, v)
 }
 
-// Cancelling the client's context stops the load in the daemon.
-func TestLoadCancel(t *testing.T) {
-	dir, _ := writeModel(t, 4<<20)
+// logBuffer collects log lines.
+type logBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// newLoggedHarness is newHarness with the store's and the server's log
+// lines kept, loads logging their progress every logEvery, and the
+// server's loads on ctx.
+func newLoggedHarness(t *testing.T, ctx context.Context, logEvery time.Duration, hook func(ctx context.Context, done, total int64)) (*harness, *logBuffer) {
+	t.Helper()
+	logs := &logBuffer{}
+	log := slog.New(slog.NewTextHandler(logs, nil))
+	st := store.New(store.OpenMemfdArena(), store.Options{Logger: log, LogEvery: logEvery})
+	srv := NewServer(st, Options{Logger: log, Context: ctx})
+	srv.progressHook = hook
+	sock := serve(t, srv.Handler())
+	t.Cleanup(func() { st.Close() })
+	return &harness{st: st, srv: srv, c: NewClient(sock), raw: NewClient(sock).http}, logs
+}
+
+// waitLoads waits until the store has no load in progress; a load that
+// never ends fails by the test's timeout.
+func waitLoads(st *store.Store) {
+	for len(st.Loads()) > 0 {
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func loadResults(h *harness) (ok, failed, cancelled float64) {
+	l := h.srv.metrics.loads
+	return testutil.ToFloat64(l.WithLabelValues("ok")), testutil.ToFloat64(l.WithLabelValues("error")),
+		testutil.ToFloat64(l.WithLabelValues("cancelled"))
+}
+
+// A load is the daemon's: when its client goes away (Ctrl-C, a dropped
+// session), it goes on and commits.
+func TestLoadOutlivesClient(t *testing.T) {
+	dir, size := writeModel(t, 4<<20)
 	// The daemon's load waits after its first progress event until the
-	// request's context ends: the cancel, not the load's speed, decides.
-	h := newHarness(t, store.Budgets{}, func(ctx context.Context, done, total int64) {
-		select {
-		case <-ctx.Done():
-		case <-time.After(20 * time.Second):
-		}
-	})
+	// request's context ends: the client is surely gone before it copies.
+	h, logs := newLoggedHarness(t, context.Background(), 0, func(ctx context.Context, done, total int64) { <-ctx.Done() })
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	start := time.Now()
 	_, err := h.c.Load(ctx, "m", dir, func(done, total int64) { cancel() })
 	if !errors.Is(err, context.Canceled) {
-		t.Fatalf("cancelled load: %v, want context.Canceled", err)
+		t.Fatalf("load whose client gave up: %v, want context.Canceled", err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for testutil.ToFloat64(h.srv.metrics.loads.WithLabelValues("error")) == 0 && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
+	waitLoads(h.st)
+	m := h.st.Model("m")
+	if m == nil || m.Current() == nil || m.Current().Bytes() != size {
+		t.Fatalf("the load did not commit once its client went away:\n%s", logs)
 	}
-	if time.Since(start) > 15*time.Second {
-		t.Error("the daemon's load did not notice the cancel")
+	if ok, failed, cancelled := loadResults(h); ok != 1 || failed != 0 || cancelled != 0 {
+		t.Errorf("weightfs_loads_total ok %v error %v cancelled %v; want 1 0 0", ok, failed, cancelled)
 	}
-	if got := testutil.ToFloat64(h.srv.metrics.loads.WithLabelValues("error")); got != 1 {
-		t.Errorf("weightfs_loads_total{result=error} = %v after a cancelled load", got)
+}
+
+// Cancel stops a load in progress; the load's client gets a cancelled
+// error; the daemon logs a cancel, not an error, and counts it as one.
+func TestCancel(t *testing.T) {
+	dir, _ := writeModel(t, 4<<20)
+	started, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	h, logs := newLoggedHarness(t, context.Background(), 0, func(ctx context.Context, done, total int64) {
+		once.Do(func() { close(started); <-release })
+	})
+	ctx := context.Background()
+	if _, err := h.c.Cancel(ctx, "m"); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("cancel with no load: %v, want ErrNotFound", err)
 	}
-	if h.st.Model("m") != nil || len(h.st.Loads()) != 0 || h.st.Usage().HostReserved != 0 || h.st.Usage().HostBytes != 0 {
+	if _, err := h.c.Cancel(ctx, ""); !errors.Is(err, store.ErrInvalid) {
+		t.Errorf("cancel of no name: %v, want ErrInvalid", err)
+	}
+	result := make(chan error, 1)
+	go func() {
+		_, err := h.c.Load(ctx, "m", dir, nil)
+		result <- err
+	}()
+	<-started
+	loads, err := h.c.Cancel(ctx, "m")
+	if err != nil || len(loads) != 1 || loads[0].Name != "m" || loads[0].Source != dir || loads[0].Total == 0 {
+		t.Errorf("cancel: %+v, %v", loads, err)
+	}
+	close(release)
+	err = <-result
+	var e *Error
+	if !errors.As(err, &e) || e.Code != CodeCanceled || !errors.Is(err, context.Canceled) ||
+		!strings.Contains(err.Error(), "load m from "+dir+": cancelled") {
+		t.Errorf("the cancelled load's client got %v", err)
+	}
+	waitLoads(h.st)
+	if h.st.Model("m") != nil || h.st.Usage().HostReserved != 0 || h.st.Usage().HostBytes != 0 {
 		t.Error("a cancelled load left something in the store")
+	}
+	if ok, failed, cancelled := loadResults(h); ok != 0 || failed != 0 || cancelled != 1 {
+		t.Errorf("weightfs_loads_total ok %v error %v cancelled %v; want 0 0 1", ok, failed, cancelled)
+	}
+	if got := testutil.ToFloat64(h.srv.metrics.errors.WithLabelValues("load")); got != 0 {
+		t.Errorf("weightfs_errors_total{kind=load} = %v after a cancel", got)
+	}
+	if l := logs.String(); !strings.Contains(l, `level=INFO msg="load cancelled" model=m`) || strings.Contains(l, "level=ERROR") {
+		t.Errorf("the cancel is not logged as a cancel:\n%s", l)
+	}
+}
+
+// Ending the server's context (the daemon shutting down) cancels its loads.
+func TestShutdownCancelsLoads(t *testing.T) {
+	dir, _ := writeModel(t, 1<<20)
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	h, _ := newLoggedHarness(t, ctx, 0, func(context.Context, int64, int64) { stop() })
+	if _, err := h.c.Load(context.Background(), "m", dir, nil); !errors.Is(err, context.Canceled) {
+		t.Errorf("load during shutdown: %v, want cancelled", err)
+	}
+	waitLoads(h.st)
+	if h.st.Model("m") != nil {
+		t.Error("a load cancelled by shutdown committed")
+	}
+}
+
+// The daemon logs a load's start, its progress every few seconds (here
+// every millisecond) and its end, for journalctl and kubectl logs.
+func TestLoadProgressLog(t *testing.T) {
+	dir, size := writeModel(t, 4<<20)
+	var logs *logBuffer
+	var once sync.Once
+	h, logs := newLoggedHarness(t, context.Background(), time.Millisecond, func(ctx context.Context, done, total int64) {
+		once.Do(func() { // the load holds until the next tick has logged it
+			for !strings.Contains(logs.String(), "load progress") {
+				time.Sleep(time.Millisecond)
+			}
+		})
+	})
+	if _, err := h.c.Load(context.Background(), "m", dir, nil); err != nil {
+		t.Fatal(err)
+	}
+	l := logs.String()
+	for _, want := range []string{
+		fmt.Sprintf(`level=INFO msg=loading model=m source=%s files=2 bytes=%d`, dir, size),
+		fmt.Sprintf(`level=INFO msg="load progress" model=m done=0 total=%d percent=0`, size),
+		`level=INFO msg=loaded version=m@1 files=2`,
+	} {
+		if !strings.Contains(l, want) {
+			t.Errorf("the log lacks %q:\n%s", want, l)
+		}
 	}
 }
 
@@ -639,7 +768,8 @@ func TestErrorBody(t *testing.T) {
 		budget bool
 	}{
 		{errors.New("boom"), 500, CodeInternal, false},
-		{context.Canceled, 500, CodeInternal, false},
+		{context.Canceled, 409, CodeCanceled, false},
+		{context.DeadlineExceeded, 500, CodeInternal, false},
 		{errorOf(store.ErrInvalid, "bad"), 400, CodeInvalid, false},
 		{errorOf(store.ErrNotFound, "gone"), 404, CodeNotFound, false},
 		{errorOf(store.ErrBusy, "busy"), 409, CodeBusy, false},

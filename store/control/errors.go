@@ -1,6 +1,7 @@
 package control
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -15,6 +16,7 @@ const (
 	CodeNotFound = "not_found" // 404: no such model or version
 	CodeBusy     = "busy"      // 409: conflicts with the daemon's state
 	CodeNoMemory = "no_memory" // 507: a budget or the machine cannot hold it
+	CodeCanceled = "cancelled" // 409: the load was cancelled (POST /v1/cancel, the daemon stopping)
 	CodeInternal = "internal"  // 500: anything else
 	// CodeForbidden (403): the peer's uid may not drive the daemon. It is
 	// the socket's answer, not a store error's; on the client's side it
@@ -44,6 +46,7 @@ var codes = []struct {
 	{store.ErrNotFound, CodeNotFound, http.StatusNotFound},
 	{store.ErrBusy, CodeBusy, http.StatusConflict},
 	{store.ErrNoMemory, CodeNoMemory, http.StatusInsufficientStorage},
+	{context.Canceled, CodeCanceled, http.StatusConflict},
 }
 
 // errorBody maps a store error to its wire form and HTTP status.

@@ -1,6 +1,8 @@
 package control
 
 import (
+	"context"
+	"errors"
 	"net/http"
 	"time"
 
@@ -19,7 +21,7 @@ type metrics struct {
 func newMetrics() *metrics {
 	m := &metrics{
 		loads: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "weightfs_loads_total", Help: "Model loads, by result (ok, error).",
+			Name: "weightfs_loads_total", Help: "Model loads, by result (ok, error, cancelled).",
 		}, []string{"result"}),
 		loadSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "weightfs_load_seconds", Help: "Time to load a model version (successful loads).",
@@ -34,10 +36,15 @@ func newMetrics() *metrics {
 	}
 	m.loads.WithLabelValues("ok")
 	m.loads.WithLabelValues("error")
+	m.loads.WithLabelValues("cancelled")
 	return m
 }
 
 func (m *metrics) observeLoad(d time.Duration, err error) {
+	if errors.Is(err, context.Canceled) { // not an error: someone asked for it
+		m.loads.WithLabelValues("cancelled").Inc()
+		return
+	}
 	if err != nil {
 		m.loads.WithLabelValues("error").Inc()
 		m.errors.WithLabelValues("load").Inc()

@@ -24,6 +24,7 @@ type Server struct {
 	mount   atomic.Pointer[func() MountStatus]
 	gpuProc func(uuid string) uint64
 	build   Build
+	ctx     context.Context // the daemon's lifetime: loads run on it
 	// progressHook, when set (tests), runs after each progress event of a
 	// load has been sent, with the request's context.
 	progressHook func(ctx context.Context, done, total int64)
@@ -39,14 +40,21 @@ type Options struct {
 	// Version is the version stamped into the daemon's binary, shown in
 	// the status with its module and commit.
 	Version string
+	// Context is the daemon's lifetime (default: context.Background()):
+	// loads asked over the API run on it, not on their request, so that a
+	// load goes on when its client goes away. Ending it cancels them.
+	Context context.Context
 }
 
 // NewServer serves st.
 func NewServer(st *store.Store, opts Options) *Server {
 	s := &Server{store: st, log: opts.Logger, metrics: newMetrics(), gpuProc: opts.GPUProcessBytes,
-		build: BuildOf(opts.Version)}
+		build: BuildOf(opts.Version), ctx: opts.Context}
 	if s.log == nil {
 		s.log = slog.Default()
+	}
+	if s.ctx == nil {
+		s.ctx = context.Background()
 	}
 	return s
 }
@@ -56,7 +64,8 @@ func NewServer(st *store.Store, opts Options) *Server {
 func (s *Server) SetMount(report func() MountStatus) { s.mount.Store(&report) }
 
 // Load loads a model folder as the next version of name and counts it in
-// the metrics; progress may be nil.
+// the metrics (ok, error or cancelled); progress may be nil. The store logs
+// the load's start, progress and end; a failure is the caller's to log.
 func (s *Server) Load(ctx context.Context, name, path string, progress func(done, total int64)) (*store.Version, error) {
 	start := time.Now()
 	v, err := s.store.Load(ctx, name, path, store.LoadOptions{Progress: progress})
@@ -79,6 +88,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/load", s.serveLoad)
 	mux.HandleFunc("POST /v1/unload", s.serveUnload)
 	mux.HandleFunc("POST /v1/verify", s.serveVerify)
+	mux.HandleFunc("POST /v1/cancel", s.serveCancel)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorOf(store.ErrNotFound, "no such request: %s %s", r.Method, r.URL.Path))
 	})
@@ -130,7 +140,8 @@ func (s *Server) serveVerify(w http.ResponseWriter, r *http.Request) {
 // A load refused before copying starts (a bad name or folder, a malformed
 // file, a budget) is answered with its own status; the 200 stream starts with
 // the first progress event, and an error after that is its last event. The
-// load stops if the client goes away.
+// load is the daemon's: it runs on the server's context and goes on when the
+// client goes away (Ctrl-C, a dropped session); POST /v1/cancel stops it.
 func (s *Server) serveLoad(w http.ResponseWriter, r *http.Request) {
 	var req LoadRequest
 	if !readJSON(w, r, &req) {
@@ -174,9 +185,11 @@ func (s *Server) serveLoad(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 	}
-	v, err := s.Load(r.Context(), req.Name, req.Path, progress)
+	v, err := s.Load(s.ctx, req.Name, req.Path, progress)
 	if err != nil {
-		s.log.Error("load failed", "model", req.Name, "path", req.Path, "err", err)
+		if !errors.Is(err, context.Canceled) { // the store logs a cancel as one
+			s.log.Error("load failed", "model", req.Name, "path", req.Path, "err", err)
+		}
 		mu.Lock()
 		inStream := started
 		mu.Unlock()
@@ -190,6 +203,29 @@ func (s *Server) serveLoad(w http.ResponseWriter, r *http.Request) {
 	}
 	vj := versionOf(v, true)
 	send(LoadEvent{Version: &vj})
+}
+
+// serveCancel cancels the loads of a model in progress; none is 404.
+func (s *Server) serveCancel(w http.ResponseWriter, r *http.Request) {
+	var req CancelRequest
+	if !readJSON(w, r, &req) {
+		return
+	}
+	if err := store.ValidateModelName(req.Name); err != nil {
+		writeError(w, err)
+		return
+	}
+	out := Cancelled{Cancelled: []Load{}}
+	for _, l := range s.store.Cancel(req.Name) {
+		done, total := l.Progress()
+		out.Cancelled = append(out.Cancelled, Load{Name: l.Name, Source: l.Source, Done: done, Total: total})
+	}
+	if len(out.Cancelled) == 0 {
+		writeError(w, errorOf(store.ErrNotFound, "cancel %s: no load of %[1]s in progress", req.Name))
+		return
+	}
+	s.log.Info("load cancel requested", "model", req.Name, "loads", len(out.Cancelled))
+	writeJSON(w, http.StatusOK, out)
 }
 
 // readJSON decodes a request's body, one JSON object of at most 1 MiB, and

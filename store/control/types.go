@@ -94,6 +94,16 @@ type LoadRequest struct {
 	Path string `json:"path"` // absolute
 }
 
+// CancelRequest is the body of POST /v1/cancel.
+type CancelRequest struct {
+	Name string `json:"name"`
+}
+
+// Cancelled answers POST /v1/cancel: the loads it cancelled.
+type Cancelled struct {
+	Cancelled []Load `json:"cancelled"`
+}
+
 // VersionRequest is the body of POST /v1/unload and POST /v1/verify.
 type VersionRequest struct {
 	Name    string `json:"name"`

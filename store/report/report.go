@@ -1,5 +1,5 @@
 // Package report writes the control API's answers for people: what
-// `weightfs load`, `unload`, `ls`, `status` and `verify` print without
+// `weightfs load`, `unload`, `cancel`, `ls`, `status` and `verify` print without
 // --json.
 package report
 
@@ -35,6 +35,20 @@ func Unloaded(w io.Writer, gone []control.Version) {
 			fmt.Fprintf(w, "unloaded %s\n", v.Name)
 		}
 	}
+}
+
+// Cancelled is one line per load cancelled.
+func Cancelled(w io.Writer, loads []control.Load) {
+	for _, l := range loads {
+		fmt.Fprintf(w, "cancelled the load of %s from %s (%s of %s copied)\n", l.Name, l.Source,
+			store.HumanBytes(l.Done), store.HumanBytes(l.Total))
+	}
+}
+
+// Interrupted is what `weightfs load` says when it stops waiting for a load
+// that goes on in the daemon.
+func Interrupted(name string) string {
+	return fmt.Sprintf("interrupted: the load of %s goes on in the daemon (weightfs status shows it); weightfs cancel %[1]s stops it", name)
 }
 
 // Versions is a table of versions, the current one of each model marked *.
