@@ -77,9 +77,10 @@ func (s *Store) Load(ctx context.Context, name, dir string, opts LoadOptions) (*
 	if err := checkIndexes(abs, files); err != nil {
 		return nil, err
 	}
-	var hostNeed, gpuNeed int64
+	var hostNeed, hostCost, gpuNeed int64
 	for _, f := range files {
 		hostNeed += f.size
+		hostCost += s.arena.Cost(f.size) // what the memory costs: whole pages
 		if f.header != nil && len(s.gpus.List()) > 0 {
 			_, size := SlabLayout(f.header)
 			gpuNeed += slabAllocSize(size)
@@ -88,7 +89,7 @@ func (s *Store) Load(ctx context.Context, name, dir string, opts LoadOptions) (*
 	// Versions that drained since the reaper last looked are freed first, so
 	// that their memory counts as free.
 	s.reap()
-	release, err := s.reserve(name, abs, hostNeed, gpuNeed)
+	release, err := s.reserve(name, abs, hostCost, gpuNeed)
 	if err != nil {
 		return nil, err
 	}
