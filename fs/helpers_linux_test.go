@@ -64,7 +64,7 @@ func (m model) paths() []string {
 }
 
 // writeModel writes a small model folder into dir: a config, a weights file
-// whose size is not a multiple of the page size, and a tokenizer in a
+// whose size is not a multiple of the page size (nor of a huge page), and a tokenizer in a
 // subdirectory with a directory of its own. seed makes versions differ.
 func writeModel(t testing.TB, dir string, seed byte) model {
 	t.Helper()
@@ -77,7 +77,9 @@ func writeModel(t testing.TB, dir string, seed byte) model {
 	}
 	var w bytes.Buffer
 	err := safetensors.Write(&w, []safetensors.Tensor{
-		{Name: "embed.weight", DType: "BF16", Shape: []int64{300, 1000}, Data: fill(600000, 1)},
+		// 2.2 MB: on the tmpfs arena, one 2 MiB huge page and a tail of
+		// 4 KiB pages, so the read suite covers both kinds of page.
+		{Name: "embed.weight", DType: "BF16", Shape: []int64{1100, 1000}, Data: fill(2200000, 1)},
 		{Name: "norm.weight", DType: "F32", Shape: []int64{7}, Data: fill(28, 2)},
 	}, map[string]string{"format": "pt"})
 	if err != nil {

@@ -202,6 +202,18 @@ func modelSize(t testing.TB, dir string) (files int, size int64) {
 	return files, size
 }
 
+// modelCost is the host memory a model folder takes in the daemon's arena
+// (the huge=within_size tmpfs): each file's size rounded up to 4 KiB.
+func modelCost(t testing.TB, dir string) (cost int64) {
+	t.Helper()
+	for _, abs := range sourceFiles(t, dir) {
+		st, err := os.Stat(abs)
+		must(t, err)
+		cost += (st.Size() + 4095) / 4096 * 4096
+	}
+	return cost
+}
+
 // checkVersion compares a listed version with its source folder.
 func checkVersion(t testing.TB, v control.Version, name string, number int, current bool, src string) {
 	t.Helper()
@@ -211,8 +223,9 @@ func checkVersion(t testing.TB, v control.Version, name string, number int, curr
 		t.Errorf("%s: listed as name %q model %q number %d state %q current %v; want %s, ready, current %v",
 			want, v.Name, v.Model, v.Number, v.State, v.Current, want, current)
 	}
-	if v.Files != files || v.Bytes != size {
-		t.Errorf("%s: %d files, %d bytes; the source has %d files, %d bytes", want, v.Files, v.Bytes, files, size)
+	if v.Files != files || v.Bytes != size || v.HostBytes != modelCost(t, src) {
+		t.Errorf("%s: %d files, %d bytes (%d of host memory); the source has %d files, %d bytes (%d in 4 KiB pages)",
+			want, v.Files, v.Bytes, v.HostBytes, files, size, modelCost(t, src))
 	}
 	if abs, _ := filepath.Abs(src); v.Source != abs && v.Source != src {
 		t.Errorf("%s: source %q, want %q", want, v.Source, abs)
@@ -481,7 +494,7 @@ polling:
 	var total int64
 	for _, m := range l.Models {
 		for _, v := range m.Versions {
-			total += v.Bytes
+			total += v.HostBytes
 		}
 	}
 	if st.Host.Bytes != total || st.Host.Reserved != 0 || len(st.Loads) != 0 {
@@ -519,8 +532,8 @@ func TestControlUnloadWhileOpen(t *testing.T) {
 	keep := c.load(t, "keep", srcKeep)
 	mv := c.load(t, "m", srcM)
 	before := c.status(t).Host.Bytes
-	if before != keep.Bytes+mv.Bytes {
-		t.Fatalf("status host bytes %d, want %d + %d", before, keep.Bytes, mv.Bytes)
+	if before != keep.HostBytes+mv.HostBytes {
+		t.Fatalf("status host bytes %d, want %d + %d", before, keep.HostBytes, mv.HostBytes)
 	}
 
 	const weights = "model-00001-of-00002.safetensors"
@@ -590,11 +603,11 @@ func TestControlUnloadWhileOpen(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		st = c.status(t)
-		if len(st.Draining) == 0 && st.Host.Bytes == before-mv.Bytes {
+		if len(st.Draining) == 0 && st.Host.Bytes == before-mv.HostBytes {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("10 s after the last close: draining %+v, host bytes %d; want none and %d", st.Draining, st.Host.Bytes, before-mv.Bytes)
+			t.Fatalf("10 s after the last close: draining %+v, host bytes %d; want none and %d", st.Draining, st.Host.Bytes, before-mv.HostBytes)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -681,8 +694,8 @@ func TestControlBudget(t *testing.T) {
 	srcA, srcB := t.TempDir(), t.TempDir()
 	writeModel(t, srcA, 70, 8000)
 	writeModel(t, srcB, 80, 8000)
-	_, sizeA := modelSize(t, srcA)
-	_, sizeB := modelSize(t, srcB)
+	// Budgets count host memory: each file rounded up to its 4 KiB pages.
+	sizeA, sizeB := modelCost(t, srcA), modelCost(t, srcB)
 	budget := sizeA + sizeB/2
 	c := startControl(t, "--host-memory", strconv.FormatInt(budget, 10))
 	if st := c.status(t); st.Host.Budget != budget {
@@ -941,7 +954,7 @@ func TestControlMetrics(t *testing.T) {
 	}{
 		{"weightfs_loads_total", map[string]string{"result": "ok"}, func(f float64) bool { return f >= 1 }, "≥ 1"},
 		{"weightfs_loads_total", map[string]string{"result": "error"}, func(f float64) bool { return f >= 1 }, "≥ 1"},
-		{"weightfs_resident_bytes", map[string]string{"tier": "host"}, func(f float64) bool { return f == float64(v.Bytes) }, fmt.Sprint(v.Bytes)},
+		{"weightfs_resident_bytes", map[string]string{"tier": "host"}, func(f float64) bool { return f == float64(v.HostBytes) }, fmt.Sprint(v.HostBytes)},
 		{"weightfs_fuse_requests_total", map[string]string{"type": "open"}, func(f float64) bool { return f > 0 }, "> 0"},
 		{"weightfs_load_seconds_count", nil, func(f float64) bool { return f >= 1 }, "≥ 1"},
 		{"weightfs_errors_total", map[string]string{"kind": "load"}, func(f float64) bool { return f >= 1 }, "≥ 1"},

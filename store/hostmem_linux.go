@@ -4,22 +4,40 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
 
 // Arena hands out memory-backed files for host images. It prefers a private
-// tmpfs mounted with huge=always (transparent huge pages without touching the
-// system-wide THP settings) and falls back to memfd where mounting is not
+// tmpfs mounted with huge=within_size (transparent huge pages without touching
+// the system-wide THP settings) and falls back to memfd where mounting is not
 // allowed. The tmpfs is detached from the mount tree right after it is
 // mounted: it lives exactly as long as the daemon's file descriptors, so a
 // killed daemon leaks no memory and leaves no mount behind.
+//
+// huge=within_size, not huge=always: a huge page is used only where the whole
+// 2 MiB lies inside the file, so a file's body is in huge pages and its tail
+// (and any file under 2 MiB) in 4 KiB pages. With huge=always every file took
+// at least one 2 MiB page: a 100-byte config.json cost 2 MiB, a 759 KiB model
+// 14 MiB. A file now costs its size rounded up to 4 KiB, whatever its size.
 type Arena struct {
 	kind  string // "tmpfs" or "memfd"
 	dirFD int    // directory fd of the detached tmpfs; -1 for memfd
 	why   string // why the arena is not tmpfs, when it is not
+	// page is the page size a file of the arena is predicted to be rounded
+	// up to (Cost); the real cost of a buffer is read back from the kernel.
+	page int64
+	// live is the memory of the buffers open now (their real cost).
+	live atomic.Int64
 }
+
+// smallPage is the base page size that tmpfs and memfd files are made of.
+const smallPage = 4096
 
 // OpenArena creates the arena. sizeLimit bounds the private tmpfs (0: the
 // machine's memory).
@@ -28,12 +46,59 @@ func OpenArena(sizeLimit int64) (*Arena, error) {
 	if err == nil {
 		return a, nil
 	}
-	return &Arena{kind: "memfd", dirFD: -1, why: err.Error()}, nil
+	return &Arena{kind: "memfd", dirFD: -1, why: err.Error(), page: memfdPage()}, nil
 }
 
 // OpenMemfdArena creates an arena of memfds only (for callers without
 // CAP_SYS_ADMIN, and tests of that path).
-func OpenMemfdArena() *Arena { return &Arena{kind: "memfd", dirFD: -1, why: "requested"} }
+func OpenMemfdArena() *Arena {
+	return &Arena{kind: "memfd", dirFD: -1, why: "requested", page: memfdPage()}
+}
+
+// memfdPage is the page a memfd file is rounded up to when it is allocated
+// (fallocate, before any mapping exists): memfds live on the kernel's
+// internal shmem mount, which follows the system-wide setting
+// /sys/kernel/mm/transparent_hugepage/shmem_enabled. "always" and "force"
+// put even a tiny file in a huge page; the other settings allocate huge pages
+// only within the file's size ("within_size"), for madvised mappings
+// ("advise": our mapping comes after the allocation) or never.
+//
+// Kernels with multi-size THP also have a setting per folio size
+// (hugepages-64kB/shmem_enabled, …; "inherit" follows the global one): the
+// largest size that is "always" sets the page.
+func memfdPage() int64 {
+	const thp = "/sys/kernel/mm/transparent_hugepage/"
+	forced := func(setting string) bool {
+		return strings.Contains(setting, "[always]") || strings.Contains(setting, "[force]")
+	}
+	global := forced(readString(thp + "shmem_enabled"))
+	page := int64(smallPage)
+	if global {
+		page = hugePage()
+	}
+	sizes, _ := filepath.Glob(thp + "hugepages-*kB")
+	for _, dir := range sizes {
+		kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimPrefix(filepath.Base(dir), "hugepages-"), "kB"), 10, 64)
+		setting := readString(filepath.Join(dir, "shmem_enabled"))
+		if err == nil && (forced(setting) || (global && strings.Contains(setting, "[inherit]"))) {
+			page = max(page, kb<<10)
+		}
+	}
+	return page
+}
+
+// hugePage is the size of a PMD huge page (2 MiB on x86-64).
+func hugePage() int64 {
+	b, err := os.ReadFile("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
+	if err != nil {
+		return 2 << 20
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil || n < smallPage {
+		return 2 << 20
+	}
+	return n
+}
 
 func openTmpfsArena(sizeLimit int64) (*Arena, error) {
 	if sizeLimit <= 0 {
@@ -48,9 +113,9 @@ func openTmpfsArena(sizeLimit int64) (*Arena, error) {
 		return nil, fmt.Errorf("create arena mount point: %w", err)
 	}
 	defer os.Remove(dir)
-	opts := fmt.Sprintf("huge=always,mode=0700,size=%d", sizeLimit)
+	opts := fmt.Sprintf("huge=within_size,mode=0700,size=%d", sizeLimit)
 	if err := unix.Mount("weightfs-arena", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, opts); err != nil {
-		return nil, fmt.Errorf("mount private tmpfs (huge=always): %w", err)
+		return nil, fmt.Errorf("mount private tmpfs (huge=within_size): %w", err)
 	}
 	fd, openErr := unix.Open(dir, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	// Detach at once: the open fd keeps the tmpfs alive, nothing else does.
@@ -61,14 +126,29 @@ func openTmpfsArena(sizeLimit int64) (*Arena, error) {
 	if openErr != nil {
 		return nil, fmt.Errorf("open private tmpfs: %w", openErr)
 	}
-	return &Arena{kind: "tmpfs", dirFD: fd}, nil
+	return &Arena{kind: "tmpfs", dirFD: fd, page: smallPage}, nil
 }
 
-// Kind says where host images live: "tmpfs" (private, huge=always) or "memfd".
+// Kind says where host images live: "tmpfs" (private, huge=within_size) or "memfd".
 func (a *Arena) Kind() string { return a.kind }
 
 // FallbackReason says why the arena is not a huge-page tmpfs ("" when it is).
 func (a *Arena) FallbackReason() string { return a.why }
+
+// Cost is the host memory a file of size bytes is predicted to take in this
+// arena: its size rounded up to the page the arena allocates it in (4 KiB on
+// the tmpfs; on memfds, 2 MiB where the system-wide shmem_enabled is "always"
+// or "force"). Buffer.Cost is what a buffer really took.
+func (a *Arena) Cost(size int64) int64 {
+	if size <= 0 {
+		return 0
+	}
+	return (size + a.page - 1) / a.page * a.page
+}
+
+// Allocated is the memory of the arena's buffers open now: committed
+// versions, draining ones and loads in progress alike.
+func (a *Arena) Allocated() int64 { return a.live.Load() }
 
 // Close releases the arena. Buffers already handed out stay valid until they
 // are closed.
@@ -105,7 +185,7 @@ func (a *Arena) NewBuffer(name string, size int64) (*Buffer, error) {
 		f.Close()
 		return nil, fmt.Errorf("size host image for %s to %d bytes: %w", name, size, err)
 	}
-	b := &Buffer{file: f, size: size}
+	b := &Buffer{file: f, size: size, arena: a}
 	if size > 0 {
 		// Allocate every page now, in one pass: huge pages come out of one
 		// compaction run instead of one per fault, and a machine without the
@@ -114,9 +194,21 @@ func (a *Arena) NewBuffer(name string, size int64) (*Buffer, error) {
 			f.Close()
 			return nil, memError(err, "allocate %d bytes of host memory for %s: %w", size, name, err)
 		}
+		// The real cost: the blocks the kernel allocated (huge pages count
+		// whole), which is what Shmem in /proc/meminfo grows by.
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("stat host image for %s: %w", name, err)
+		}
+		b.cost = st.Blocks * 512
+		if b.cost == 0 { // a file system that does not count blocks
+			b.cost = a.Cost(size)
+		}
+		a.live.Add(b.cost)
 		mem, err := unix.Mmap(fd, 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 		if err != nil {
-			f.Close()
+			b.Close()
 			return nil, memError(err, "map host image for %s (%d bytes): %w", name, size, err)
 		}
 		if a.kind == "memfd" {
@@ -140,10 +232,12 @@ func memError(err error, format string, args ...any) error {
 // Buffer is one host image: a memory-backed file and the daemon's mapping of
 // it. The same pages serve FUSE reads, engines' mmaps and pinned GPU copies.
 type Buffer struct {
-	mu   sync.Mutex
-	file *os.File
-	mem  []byte
-	size int64
+	mu    sync.Mutex
+	file  *os.File
+	mem   []byte
+	size  int64
+	cost  int64 // host memory taken, from the kernel's block count
+	arena *Arena
 }
 
 // Bytes is the daemon's mapping of the whole image.
@@ -151,6 +245,10 @@ func (b *Buffer) Bytes() []byte { return b.mem }
 
 // Size is the image's length in bytes.
 func (b *Buffer) Size() int64 { return b.size }
+
+// Cost is the host memory the image takes: its size rounded up to the pages
+// the kernel allocated it in.
+func (b *Buffer) Cost() int64 { return b.cost }
 
 // Fd is the backing file's descriptor (for FUSE passthrough registration).
 func (b *Buffer) Fd() int { return int(b.file.Fd()) }
@@ -175,6 +273,7 @@ func (b *Buffer) Close() error {
 			errs = append(errs, err)
 		}
 		b.file = nil
+		b.arena.live.Add(-b.cost)
 	}
 	return errors.Join(errs...)
 }

@@ -315,13 +315,17 @@ func (s *Store) Run(ctx context.Context, every time.Duration) {
 
 // Budgets limit what the store may hold; 0 means no limit.
 type Budgets struct {
-	// Host is the most bytes of host images, draining versions included.
+	// Host is the most bytes of host memory that host images may take,
+	// draining versions included (each file counts its size rounded up to
+	// the pages it is kept in).
 	Host int64
 	// GPU is the most bytes of slabs on each GPU.
 	GPU int64
 }
 
-// Usage is what the store holds now against its budgets.
+// Usage is what the store holds now against its budgets. HostBytes is the
+// host memory the images take (whole pages, what Shmem in /proc/meminfo
+// counts), not the sum of the files' sizes.
 type Usage struct {
 	HostBytes, HostReserved, HostBudget int64
 	GPUs                                []GPUUsage
@@ -352,12 +356,12 @@ func (s *Store) Usage() Usage {
 	return u
 }
 
-// residentLocked sums host bytes and each GPU's slab bytes over ready and
+// residentLocked sums host memory and each GPU's slab bytes over ready and
 // draining versions.
 func (s *Store) residentLocked() (host int64, perGPU map[string]int64) {
 	perGPU = map[string]int64{}
 	for _, v := range s.allVersionsLocked() {
-		host += v.bytes
+		host += v.HostBytes()
 		for _, g := range s.gpus.List() {
 			perGPU[g.UUID()] += v.GPUBytes(g.UUID())
 		}
@@ -376,9 +380,10 @@ func (s *Store) allVersionsLocked() []*Version {
 // reservation is memory promised to a load in progress.
 type reservation struct{ host, gpu int64 }
 
-// reserve admits a load of host bytes (and gpu bytes on every GPU) or says,
-// in a *BudgetError, what is needed and what is free. Nothing already loaded
-// is touched.
+// reserve admits a load of host bytes of host memory (and gpu bytes on every
+// GPU) or says, in a *BudgetError, what is needed and what is free: against
+// the budgets, then against what the machine and the daemon's memory cgroup
+// can still give (checkSystemLocked). Nothing already loaded is touched.
 func (s *Store) reserve(name, dir string, host, gpu int64) (release func(), err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -398,6 +403,9 @@ func (s *Store) reserve(name, dir string, host, gpu int64) (release func(), err 
 			}
 		}
 	}
+	if err := s.checkSystemLocked(name, dir, host, usedHost); err != nil {
+		return nil, err
+	}
 	s.reserved.host += host
 	s.reserved.gpu += gpu
 	var once sync.Once
@@ -409,6 +417,40 @@ func (s *Store) reserve(name, dir string, host, gpu int64) (release func(), err 
 			s.mu.Unlock()
 		})
 	}, nil
+}
+
+// checkSystemLocked admits a load of need bytes of host memory only if the
+// machine (MemAvailable) and the tightest memory cgroup (its limit less its
+// working set) can both still give it and keep their reserve free. Memory
+// promised to loads in progress but not allocated yet is not in those
+// readings, so it counts as taken. usedHost is what committed versions hold.
+func (s *Store) checkSystemLocked(name, dir string, need, usedHost int64) error {
+	if need <= 0 {
+		return nil
+	}
+	m, err := s.sysmem()
+	if err != nil {
+		s.log.Warn("cannot read the system's free memory; the load is admitted by the budgets alone", "err", err)
+		return nil
+	}
+	// Loads in progress have allocated (Arena.Allocated less what committed
+	// versions hold) part of what they reserved; the rest is still to come.
+	pending := max(0, s.reserved.host-max(0, s.arena.Allocated()-usedHost))
+	// The machine, then the cgroup; the one that can give less is named.
+	tightest := &BudgetError{Model: name, Source: dir, Tier: TierSystem, Need: need, Budget: m.Total,
+		Reserve: s.memReserve(m.Total)}
+	tightest.Free = m.Available - pending - tightest.Reserve
+	if m.Cgroup != "" {
+		reserve := s.memReserve(m.CgroupLimit)
+		if free := m.CgroupLimit - m.CgroupUsed - pending - reserve; free < tightest.Free {
+			tightest.Free, tightest.Budget, tightest.Reserve, tightest.Cgroup = free, m.CgroupLimit, reserve, m.Cgroup
+		}
+	}
+	if need <= tightest.Free {
+		return nil
+	}
+	tightest.Free = max(0, tightest.Free)
+	return tightest
 }
 
 // HumanBytes writes n in binary units: "1.5 GiB".

@@ -72,8 +72,8 @@ func TestUnloadDrainsUntilReleased(t *testing.T) {
 	if d := s.Draining(); len(d) != 1 || d[0] != v1 || v1.State() != StateDraining {
 		t.Fatalf("draining %v, state %s", d, v1.State())
 	}
-	if got := s.Usage().HostBytes; got != v1.Bytes()+v2.Bytes() {
-		t.Errorf("usage %d while draining, want both versions %d", got, v1.Bytes()+v2.Bytes())
+	if got := s.Usage().HostBytes; got != v1.HostBytes()+v2.HostBytes() {
+		t.Errorf("usage %d while draining, want both versions %d", got, v1.HostBytes()+v2.HostBytes())
 	}
 	if !bytes.Equal(v1.Files()[1].Bytes()[v1.Files()[1].Header().DataOffset():][:4], []byte{7, 7, 7, 7}) {
 		t.Error("draining version's bytes are gone while open")
@@ -85,8 +85,8 @@ func TestUnloadDrainsUntilReleased(t *testing.T) {
 	if v1.Acquire() {
 		t.Error("a freed version could be acquired")
 	}
-	if got := s.Usage().HostBytes; got != v2.Bytes() {
-		t.Errorf("usage %d after free, want %d", got, v2.Bytes())
+	if got := s.Usage().HostBytes; got != v2.HostBytes() {
+		t.Errorf("usage %d after free, want %d", got, v2.HostBytes())
 	}
 	if _, err := s.Unload("m", 7); !errors.Is(err, ErrNotFound) || !strings.Contains(err.Error(), "no version 7") {
 		t.Errorf("unload m@7: %v", err)
@@ -114,8 +114,7 @@ func TestHostBudget(t *testing.T) {
 	if !errors.As(err, &be) || !errors.Is(err, ErrNoMemory) || !strings.Contains(err.Error(), "needs 3.0 MiB") {
 		t.Fatalf("over-budget load: %v", err)
 	}
-	bigSize := dirSize(t, big)
-	want := BudgetError{Model: "b", Source: big, Tier: TierHost, Need: bigSize, Free: 4<<20 - v.Bytes(), Budget: 4 << 20}
+	want := BudgetError{Model: "b", Source: big, Tier: TierHost, Need: dirCost(t, s, big), Free: 4<<20 - v.HostBytes(), Budget: 4 << 20}
 	if *be != want {
 		t.Errorf("budget error %+v, want %+v", *be, want)
 	}
@@ -209,6 +208,24 @@ func TestThreadGroup(t *testing.T) {
 }
 
 // dirSize is the bytes of the regular files in dir.
+// dirCost is the host memory the files of dir take in s's arena.
+func dirCost(t *testing.T, s *Store, dir string) int64 {
+	t.Helper()
+	var n int64
+	err := filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		info, err := d.Info()
+		n += s.Arena().Cost(info.Size())
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
 func dirSize(t *testing.T, dir string) int64 {
 	t.Helper()
 	var n int64
@@ -351,8 +368,8 @@ func TestReadsFreeNothing(t *testing.T) {
 		if d := s.Draining(); len(d) != 1 || d[0] != v1 || v1.State() != StateDraining {
 			t.Fatalf("read %d: draining %v, state %s; want m@1 draining until the reaper runs", i, d, v1.State())
 		}
-		if got := s.Usage().HostBytes; got != v1.Bytes()+v2.Bytes() {
-			t.Fatalf("read %d: usage %d, want both versions %d", i, got, v1.Bytes()+v2.Bytes())
+		if got := s.Usage().HostBytes; got != v1.HostBytes()+v2.HostBytes() {
+			t.Fatalf("read %d: usage %d, want both versions %d", i, got, v1.HostBytes()+v2.HostBytes())
 		}
 		if hh := v1.HandleHolders(); len(hh) != 0 {
 			t.Errorf("read %d: handle holders %v after the holder exited", i, hh)
@@ -360,7 +377,7 @@ func TestReadsFreeNothing(t *testing.T) {
 		if v1.Files()[1].Bytes() == nil {
 			t.Fatalf("read %d: m@1's host image was unmapped", i)
 		}
-		expectCollected(t, s, 1, 1, v1.Bytes()+v2.Bytes())
+		expectCollected(t, s, 1, 1, v1.HostBytes()+v2.HostBytes())
 		_ = s.Models()
 		_ = s.Loads()
 		_ = s.Stats()
@@ -381,10 +398,10 @@ func TestReadsFreeNothing(t *testing.T) {
 	if v1.Acquire() || v1.Files()[1].Bytes() != nil {
 		t.Error("the reaper did not free m@1")
 	}
-	if got := s.Usage().HostBytes; got != v2.Bytes() {
-		t.Errorf("usage %d after the reaper, want %d", got, v2.Bytes())
+	if got := s.Usage().HostBytes; got != v2.HostBytes() {
+		t.Errorf("usage %d after the reaper, want %d", got, v2.HostBytes())
 	}
-	expectCollected(t, s, 1, 0, v2.Bytes())
+	expectCollected(t, s, 1, 0, v2.HostBytes())
 }
 
 // A draining version's last release frees it and only it.
@@ -466,7 +483,7 @@ weightfs_resident_bytes{gpu="",tier="host"} %d
 # TYPE weightfs_versions gauge
 weightfs_versions{state="draining"} 1
 weightfs_versions{state="ready"} 1
-`, 1<<20, 1<<30, v1.Bytes()+v2.Bytes())
+`, 1<<20, 1<<30, v1.HostBytes()+v2.HostBytes())
 	if err := testutil.CollectAndCompare(s.Collector(), strings.NewReader(want)); err != nil {
 		t.Error(err)
 	}

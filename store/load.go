@@ -141,9 +141,10 @@ func (s *Store) loadFolder(ctx context.Context, load *Load, opts LoadOptions) (*
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	var hostNeed, gpuNeed int64
+	var hostNeed, hostCost, gpuNeed int64
 	for _, f := range files {
 		hostNeed += f.size
+		hostCost += s.arena.Cost(f.size) // what the memory costs: whole pages
 		if f.header != nil && len(s.gpus.List()) > 0 {
 			_, size := SlabLayout(f.header)
 			gpuNeed += slabAllocSize(size)
@@ -152,7 +153,7 @@ func (s *Store) loadFolder(ctx context.Context, load *Load, opts LoadOptions) (*
 	// Versions that drained since the reaper last looked are freed first, so
 	// that their memory counts as free.
 	s.reap()
-	release, err := s.reserve(name, abs, hostNeed, gpuNeed)
+	release, err := s.reserve(name, abs, hostCost, gpuNeed)
 	if err != nil {
 		return nil, err
 	}

@@ -15,6 +15,10 @@ type Config struct {
 	// GPUMemory is the --gpu-memory budget on each GPU: a size or a
 	// percentage of the smallest GPU's memory ("": none).
 	GPUMemory string
+	// MemoryReserve is the --memory-reserve margin a load leaves free below
+	// the machine's and the memory cgroup's limits: a size, or a percentage
+	// of each limit ("": DefaultMemoryReserve).
+	MemoryReserve string
 }
 
 // Open sets up a daemon's store: its host memory (a huge-page tmpfs, or
@@ -37,6 +41,10 @@ func Open(cfg Config) (st *Store, closeAll func(), err error) {
 			return nil, nil, errorf(ErrInvalid, "--host-memory %w", err)
 		}
 	}
+	reserve, err := ParseMemoryReserve(cfg.MemoryReserve)
+	if err != nil {
+		return nil, nil, errorf(ErrInvalid, "--memory-reserve %w", err)
+	}
 	if cfg.GPUMemory != "" && len(cfg.GPUs) == 0 {
 		return nil, nil, errorf(ErrInvalid, "--gpu-memory needs --gpu")
 	}
@@ -58,6 +66,14 @@ func Open(cfg Config) (st *Store, closeAll func(), err error) {
 	if arena.Kind() != "tmpfs" {
 		log.Warn("host images in memfd without huge pages; mmap readers will be slower", "reason", arena.FallbackReason())
 	}
-	st = New(arena, Options{Logger: log, GPUs: gpus, Budgets: budgets})
+	if m, err := ReadSystemMemory(); err == nil {
+		attrs := []any{"available", m.Available, "total", m.Total, "reserve", reserve(m.Total)}
+		if m.Cgroup != "" {
+			attrs = append(attrs, "cgroup", m.Cgroup, "cgroup_limit", m.CgroupLimit, "cgroup_used", m.CgroupUsed,
+				"cgroup_reserve", reserve(m.CgroupLimit))
+		}
+		log.Info("host memory admission", attrs...)
+	}
+	st = New(arena, Options{Logger: log, GPUs: gpus, Budgets: budgets, MemoryReserve: reserve})
 	return st, func() { st.Close(); closeGPUs() }, nil
 }

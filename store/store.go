@@ -31,10 +31,13 @@ type Store struct {
 	closed   bool
 	budgets  Budgets
 	reserved reservation
-	draining []*Version       // unloaded, still in use
-	onRemove []func(*Version) // told of every version leaving the mount
-	loads    map[*Load]bool   // loads in progress
-	logEvery time.Duration    // how often a load in progress is logged
+	// sysmem and memReserve admit loads against the machine and the cgroup.
+	sysmem     func() (SystemMemory, error)
+	memReserve MemoryReserve
+	draining   []*Version       // unloaded, still in use
+	onRemove   []func(*Version) // told of every version leaving the mount
+	loads      map[*Load]bool   // loads in progress
+	logEvery   time.Duration    // how often a load in progress is logged
 	// lastNumber outlives a model's unload: version numbers are never reused.
 	lastNumber map[string]int
 
@@ -58,6 +61,12 @@ type Options struct {
 	// LogEvery is how often a load in progress logs its progress
 	// (default DefaultLogEvery).
 	LogEvery time.Duration
+	// SystemMemory reads what the machine and the daemon's memory cgroup
+	// can still give (default: ReadSystemMemory); a load is refused when
+	// it would leave less than MemoryReserve free below either limit.
+	SystemMemory func() (SystemMemory, error)
+	// MemoryReserve is that margin (default: DefaultMemoryReserve).
+	MemoryReserve MemoryReserve
 }
 
 // DefaultLogEvery is how often a load in progress logs its progress, for
@@ -68,9 +77,16 @@ const DefaultLogEvery = 5 * time.Second
 // the arena from now on and closes it in Close.
 func New(arena *Arena, opts Options) *Store {
 	s := &Store{arena: arena, log: opts.Logger, gpus: opts.GPUs, budgets: opts.Budgets, logEvery: opts.LogEvery,
+		sysmem: opts.SystemMemory, memReserve: opts.MemoryReserve,
 		models: map[string]*Model{}, loads: map[*Load]bool{}, lastNumber: map[string]int{}}
 	if s.log == nil {
 		s.log = slog.Default()
+	}
+	if s.sysmem == nil {
+		s.sysmem = ReadSystemMemory
+	}
+	if s.memReserve == nil {
+		s.memReserve = DefaultMemoryReserve
 	}
 	s.nextIno.Store(ReservedInos)
 	return s
@@ -289,6 +305,16 @@ func (v *Version) Files() []*File { return v.files }
 
 // Bytes is the total size of the version's files.
 func (v *Version) Bytes() int64 { return v.bytes }
+
+// HostBytes is the host memory the version takes: each file's size rounded
+// up to the pages it is kept in (Bytes is the files' sizes).
+func (v *Version) HostBytes() int64 {
+	var n int64
+	for _, f := range v.files {
+		n += f.buf.Cost()
+	}
+	return n
+}
 
 // LoadedAt is when the version was committed.
 func (v *Version) LoadedAt() time.Time { return v.loadedAt }

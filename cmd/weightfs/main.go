@@ -77,11 +77,7 @@ func explain(err error) (string, []any) {
 	if !errors.As(err, &be) {
 		return err.Error(), nil
 	}
-	flag, where := "--host-memory", "host memory"
-	if be.Tier == store.TierGPU {
-		flag, where = "--gpu-memory", "GPU memory on "+be.GPU
-	}
-	msg := fmt.Sprintf("load %s from %s: needs %s of %s, only %s is free of the daemon's %s budget of %s",
-		be.Model, be.Source, store.HumanBytes(be.Need), where, store.HumanBytes(be.Free), flag, store.HumanBytes(be.Budget))
-	return msg, []any{"flag", flag, "tier", be.Tier, "gpu", be.GPU, "need", be.Need, "free", be.Free, "budget", be.Budget}
+	flag := map[string]string{store.TierHost: "--host-memory", store.TierGPU: "--gpu-memory", store.TierSystem: "--memory-reserve"}[be.Tier]
+	msg := be.Explain(flag)
+	return msg, []any{"flag", flag, "tier", be.Tier, "gpu", be.GPU, "need", be.Need, "free", be.Free, "budget", be.Budget, "reserve", be.Reserve, "cgroup", be.Cgroup}
 }

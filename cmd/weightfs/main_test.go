@@ -111,6 +111,7 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"mount", dir, "--host-memory", "120%"}, "percentage"},
 		{[]string{"mount", dir, "--host-memory", "1000Ti"}, "more than the machine's RAM"},
 		{[]string{"mount", dir, "--gpu-memory", "10Gi"}, "--gpu-memory needs --gpu"},
+		{[]string{"mount", dir, "--memory-reserve", "lots"}, "--memory-reserve"},
 	}
 	for _, c := range cases {
 		stdout, stderr, code := weightfs(t, c.args...)
@@ -236,6 +237,10 @@ func TestBudgetError(t *testing.T) {
 			"needs 3.0 MiB of host memory, only 1.0 MiB is free of the daemon's --host-memory budget of 2.0 MiB"},
 		{store.BudgetError{Tier: store.TierGPU, GPU: "GPU-1234", Need: 3 << 30, Free: 1 << 30, Budget: 2 << 30},
 			"needs 3.0 GiB of GPU memory on GPU-1234, only 1.0 GiB is free of the daemon's --gpu-memory budget of 2.0 GiB"},
+		{store.BudgetError{Tier: store.TierSystem, Need: 3 << 30, Free: 1 << 30, Budget: 24 << 30, Reserve: 1 << 30},
+			"needs 3.0 GiB of host memory, but the machine can give only 1.0 GiB more (what MemAvailable says of its 24.0 GiB, less a reserve of 1.0 GiB, the daemon's --memory-reserve)"},
+		{store.BudgetError{Tier: store.TierSystem, Cgroup: "/sys/fs/cgroup/x", Need: 1 << 30, Free: 0, Budget: 1 << 30, Reserve: 1 << 30},
+			"needs 1.0 GiB of host memory, but memory cgroup /sys/fs/cgroup/x can give only 0 B more (of its 1.0 GiB limit, less a reserve of 1.0 GiB, the daemon's --memory-reserve)"},
 	} {
 		sock := serve(t, func(*store.Store) http.Handler {
 			return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

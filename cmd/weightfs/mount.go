@@ -51,6 +51,7 @@ Sizes: bytes, Ki/Mi/Gi/Ti (or KiB…TiB, K…T: binary), KB…TB (decimal), or a
 	fl.UintSliceVar(&f.allowUIDs, "gpu-allow-uid", nil, "uids that may read GPU handles (default: the daemon's uid and root)")
 	fl.UintSliceVar(&f.allowGIDs, "gpu-allow-gid", nil, "gids that may read GPU handles")
 	fl.StringVar(&f.store.HostMemory, "host-memory", "", "host memory budget: a size (64Gi) or a percentage of RAM (80%); default: none")
+	fl.StringVar(&f.store.MemoryReserve, "memory-reserve", "", "host memory a load leaves free below the machine's and the memory cgroup's limits: a size or a percentage of each; default: the larger of 1Gi and 5%")
 	fl.StringVar(&f.store.GPUMemory, "gpu-memory", "", "GPU memory budget on each --gpu: a size or a percentage of the GPU's memory")
 	fl.StringVar(&f.metrics, "metrics-addr", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9464)")
 	fl.BoolVar(&f.debug, "debug", false, "log every FUSE request")

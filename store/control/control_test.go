@@ -111,6 +111,18 @@ func writeModel(t *testing.T, size int) (string, int64) {
 	return dir, total
 }
 
+// hostCost is the host memory the files of dir take in st's arena.
+func hostCost(st *store.Store, dir string) int64 {
+	var n int64
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if info, err := e.Info(); err == nil && info.Mode().IsRegular() {
+			n += st.Arena().Cost(info.Size())
+		}
+	}
+	return n
+}
+
 func writeFile(t *testing.T, path string, data []byte) {
 	t.Helper()
 	if err := os.WriteFile(path, data, 0o644); err != nil {
@@ -144,7 +156,7 @@ func TestLoadListStatusUnload(t *testing.T) {
 		}
 	}
 	if v.Name != "m@1" || v.Model != "m" || v.Number != 1 || v.State != store.StateReady || !v.Current ||
-		v.Files != 2 || v.Bytes != size || v.Source != dir || v.OpenFiles != 0 || v.HandleHolders == nil ||
+		v.Files != 2 || v.Bytes != size || v.HostBytes != hostCost(h.st, dir) || v.Source != dir || v.OpenFiles != 0 || v.HandleHolders == nil ||
 		len(v.Residency) != 1 || v.Residency[0] != "host" || v.LoadSeconds <= 0 || v.LoadRate <= 0 || v.GPUError != "" {
 		t.Errorf("loaded version %+v", v)
 	}
@@ -170,7 +182,7 @@ func TestLoadListStatusUnload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Host.Bytes != 2*size || st.Host.Budget != 1<<30 || st.Host.Reserved != 0 || st.Host.Arena != "memfd" ||
+	if st.Host.Bytes != 2*hostCost(h.st, dir) || st.Host.Budget != 1<<30 || st.Host.Reserved != 0 || st.Host.Arena != "memfd" ||
 		st.Requests == nil || st.Mountpoint != "" || len(st.GPUs) != 0 || len(st.Loads) != 0 || len(st.Models) != 1 {
 		t.Errorf("status without a mount: %+v", st)
 	}
@@ -198,7 +210,7 @@ func TestLoadListStatusUnload(t *testing.T) {
 		len(l.Models) != 1 || len(l.Models[0].Versions) != 1 || l.Models[0].Current != 2 {
 		t.Errorf("list while m@1 drains: %+v %v", l, err)
 	}
-	if st, err = h.c.Status(ctx); err != nil || st.Host.Bytes != 2*size || len(st.Draining) != 1 {
+	if st, err = h.c.Status(ctx); err != nil || st.Host.Bytes != 2*hostCost(h.st, dir) || len(st.Draining) != 1 {
 		t.Errorf("status while m@1 drains: host %d, draining %+v, %v", st.Host.Bytes, st.Draining, err)
 	}
 	sv1.Release()
@@ -300,7 +312,7 @@ func checkError(t *testing.T, err error, status int, code string, kind error, wa
 }
 
 func TestErrors(t *testing.T) {
-	good, size := writeModel(t, 64<<10)
+	good, _ := writeModel(t, 64<<10)
 	modelBytes, err := os.ReadFile(filepath.Join(good, "model.safetensors"))
 	if err != nil {
 		t.Fatal(err)
@@ -421,7 +433,7 @@ func TestErrors(t *testing.T) {
 		if !errors.As(err, &be) || be != e.Budget {
 			t.Fatalf("errors.As found no *store.BudgetError in %v", err)
 		}
-		want := store.BudgetError{Model: "m", Source: good, Tier: store.TierHost, Need: size, Free: budget, Budget: budget}
+		want := store.BudgetError{Model: "m", Source: good, Tier: store.TierHost, Need: hostCost(h.st, good), Free: budget, Budget: budget}
 		if *be != want {
 			t.Errorf("budget %+v, want %+v", *be, want)
 		}

@@ -265,7 +265,7 @@ func versionOf(v *store.Version, current bool) Version {
 	secs := v.LoadTime().Seconds()
 	j := Version{
 		Name: v.Name(), Model: v.Model(), Number: v.Number(), State: v.State(), Current: current,
-		Files: len(v.Files()), Bytes: v.Bytes(), Residency: v.Residency(), OpenFiles: v.OpenFiles(),
+		Files: len(v.Files()), Bytes: v.Bytes(), HostBytes: v.HostBytes(), Residency: v.Residency(), OpenFiles: v.OpenFiles(),
 		HandleHolders: v.HandleHolders(), LoadedAt: v.LoadedAt().UTC().Format(time.RFC3339),
 		LoadSeconds: secs, Source: v.Source(),
 	}

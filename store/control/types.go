@@ -13,6 +13,7 @@ type Version struct {
 	Current       bool     `json:"current"`
 	Files         int      `json:"files"`
 	Bytes         int64    `json:"bytes"`
+	HostBytes     int64    `json:"host_bytes"` // host memory: each file rounded up to its pages
 	Residency     []string `json:"residency"`
 	OpenFiles     int      `json:"open_files"`
 	HandleHolders []int    `json:"handle_holders"`
