@@ -414,8 +414,8 @@ func (s *Server) Wait() { <-s.unmounted }
 
 // Serve serves until a signal arrives on sig, then unmounts. While readers
 // hold files open it detaches the mount and serves them until the last one
-// closes or the next signal arrives. A file system unmounted from outside
-// first is an error.
+// closes or the next signal arrives (then it returns ErrFilesOpen). A file
+// system unmounted from outside first is an error.
 func (s *Server) Serve(sig <-chan os.Signal) error {
 	select {
 	case <-s.unmounted:
@@ -436,6 +436,12 @@ func (s *Server) Serve(sig <-chan os.Signal) error {
 		s.m.log.Info("last open file closed; unmounted", "mountpoint", s.mountpoint)
 	case <-sig:
 		s.m.log.Warn("quitting with files still open", "mountpoint", s.mountpoint)
+		return fmt.Errorf("%s: %w", s.mountpoint, ErrFilesOpen)
 	}
 	return nil
 }
+
+// ErrFilesOpen is Serve's answer when told to quit while files are still
+// open: the kernel may still send requests for them, so the caller must free
+// nothing the mount serves (the store) and exit.
+var ErrFilesOpen = errors.New("quit with files still open")

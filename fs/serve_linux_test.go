@@ -1,6 +1,7 @@
 package fs
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -79,14 +80,24 @@ func TestServeDetachesWhileFilesAreOpen(t *testing.T) {
 			if _, err := f.ReadAt(buf, 0); err != nil {
 				t.Fatalf("read after detach: %v", err)
 			}
-			if secondSignal {
-				sig <- os.Interrupt
-			} else {
+			if !secondSignal {
 				f.Close()
+				if err := result(done); err != nil {
+					t.Fatalf("Serve: %v", err)
+				}
+				return
 			}
-			if err := result(done); err != nil {
-				t.Fatalf("Serve: %v", err)
+			sig <- os.Interrupt
+			if err := result(done); !errors.Is(err, ErrFilesOpen) {
+				t.Fatalf("Serve = %v, want ErrFilesOpen", err)
 			}
+			// The kernel still serves the open file from the store: the
+			// store may be freed only once the last file closed.
+			if _, err := f.ReadAt(buf, 0); err != nil {
+				t.Fatalf("read after quitting: %v", err)
+			}
+			f.Close()
+			srv.Wait()
 		})
 	}
 }

@@ -134,7 +134,11 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 	}
 	go st.Run(ctx, 2*time.Second)
 	go a.loadModels(ctx, ctl, srv.Mountpoint(), len(st.GPUs().List()), log, models)
-	return srv.Serve(sig)
+	err = srv.Serve(sig)
+	if errors.Is(err, wfs.ErrFilesOpen) {
+		os.Exit(0) // free nothing: the kernel may still ask for the open files
+	}
+	return err
 }
 
 // loadModels loads the --model folders, with a progress bar on a terminal
