@@ -206,6 +206,13 @@ def main():
     os.makedirs(mnt)
     cfg = make_model(src)
     odd_want = write_odd(odd)
+    # The mount carries each source's owner and read bits over (docs/ARCHITECTURE.md): whatever
+    # the umask here, let every user read the sources, so that (e) tests weightfs's handle check.
+    for top in (src, odd):
+        for dirpath, _, files in os.walk(top):
+            os.chmod(dirpath, 0o755)
+            for f in files:
+                os.chmod(os.path.join(dirpath, f), 0o644)
     shards = sorted(f for f in os.listdir(src) if f.endswith(".safetensors"))
     log(f"model: {len(shards)} shards in {src}")
 
