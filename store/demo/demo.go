@@ -79,7 +79,11 @@ func Write(dir string) error {
 		return err
 	}
 	for _, name := range Files() {
-		if err := os.WriteFile(filepath.Join(dir, name), files[name], 0o644); err != nil {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, files[name], 0o644); err != nil {
+			return err
+		}
+		if err := os.Chmod(p, 0o644); err != nil { // whatever the umask: a model anyone may read
 			return err
 		}
 	}

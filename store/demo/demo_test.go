@@ -254,3 +254,28 @@ func TestTokenizerJSON(t *testing.T) {
 		t.Error("byte-level vocabulary is off")
 	}
 }
+
+// TestWriteCacheReadableByAll: the demo on the mount is readable by every
+// user only if its source is, folders on the way included.
+func TestWriteCacheReadableByAll(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("skipping: root writes the demo under /var/cache (run as root, as CI does)")
+	}
+	dir, err := WriteCache()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for d := dir; d != "/"; d = filepath.Dir(d) {
+		st, err := os.Stat(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Mode().Perm()&0o005 != 0o005 {
+			t.Errorf("%s is %v: others cannot reach the demo", d, st.Mode().Perm())
+		}
+	}
+	st, err := os.Stat(filepath.Join(dir, "config.json"))
+	if err != nil || st.Mode().Perm()&0o004 == 0 {
+		t.Errorf("config.json: %v, %v", st, err)
+	}
+}
