@@ -2,6 +2,7 @@ package store
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -231,6 +232,10 @@ func (s *Store) logProgress(l *Load) (stop func()) {
 	}
 }
 
+// maxWalkAfterRefusal is how many more entries the scan looks at once a
+// file was refused.
+const maxWalkAfterRefusal = 10000
+
 // scanFolder resolves a model folder (store/source.go) and lists the
 // regular files it may serve, with their owners and permission bits; it
 // refuses a folder that is not a model and validates every safetensors
@@ -244,7 +249,17 @@ func scanFolder(dir string, log *slog.Logger) (string, []*sourceFile, error) {
 	}
 	root := sf.root
 	var files []*sourceFile
+	// A refused file is reported after the model check, so that a folder
+	// that is no model at all (/etc) is refused as such; the walk goes on
+	// for a while only, so that a load of / ends soon.
+	var refused error
+	after := 0
 	err = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if refused != nil {
+			if after++; after > maxWalkAfterRefusal {
+				return refused
+			}
+		}
 		if err != nil {
 			return errorf(ErrInvalid, "model folder %s: %w", root, err)
 		}
@@ -261,7 +276,8 @@ func scanFolder(dir string, log *slog.Logger) (string, []*sourceFile, error) {
 		}
 		real, regular, err := sf.check(p, d)
 		if err != nil {
-			return err
+			refused = cmp.Or(refused, err)
+			return nil
 		}
 		if !regular {
 			if info, err := os.Stat(p); err == nil && !info.IsDir() {
@@ -279,6 +295,9 @@ func scanFolder(dir string, log *slog.Logger) (string, []*sourceFile, error) {
 	}
 	if err := sf.checkModel(files); err != nil {
 		return "", nil, err
+	}
+	if refused != nil {
+		return "", nil, refused
 	}
 	for _, f := range files {
 		if err := sf.identify(f); err != nil {

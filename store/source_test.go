@@ -146,7 +146,13 @@ func TestSourceSymlinksOutsideRefused(t *testing.T) {
 // config.json beside its weights, is refused naming what is missing.
 func TestSourceNotAModel(t *testing.T) {
 	t.Run("/etc", func(t *testing.T) {
-		refused(t, "/etc")
+		refused(t, "/etc", "/etc is not a model", "no .safetensors file")
+	})
+	t.Run("not a model, with a link outside", func(t *testing.T) {
+		dir := t.TempDir()
+		writeFile(t, filepath.Join(dir, "config.json"), []byte("{}"))
+		symlink(t, "/etc/passwd", filepath.Join(dir, "passwd"))
+		refused(t, dir, dir+" is not a model", "no .safetensors file")
 	})
 	t.Run("no safetensors", func(t *testing.T) {
 		dir := t.TempDir()
