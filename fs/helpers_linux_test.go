@@ -159,8 +159,3 @@ func unmount(t testing.TB, srv *Server) {
 		}
 	}
 }
-
-// statusFunc is a StatusSource from a function.
-type statusFunc func() any
-
-func (f statusFunc) Status() any { return f() }

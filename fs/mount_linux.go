@@ -219,6 +219,11 @@ func Mount(mountpoint string, st *store.Store, opts Options) (*Server, error) {
 		root.NotifyEntry(v.Name())
 		root.NotifyEntry(v.Model())
 	})
+	// A rollback (or a commit) moves a model's symlink: the kernel forgets
+	// the link so the next lookup and readlink ask again.
+	st.OnCurrent(func(m *store.Model) {
+		root.NotifyEntry(m.Name())
+	})
 	s := &Server{fuse: server, m: m, mountpoint: abs, unmounted: make(chan struct{})}
 	go func() { server.Wait(); close(s.unmounted) }()
 	mode, why := Cached, "requested"

@@ -114,21 +114,21 @@ func TestRenderStatus(t *testing.T) {
 		want string
 	}{
 		{"no source", nil, "{}\n"},
-		{"nil status", statusFunc(func() any { return nil }), "{}\n"},
-		{"struct", statusFunc(func() any { return status{Mountpoint: "/m", Models: []int{1, 2}} }),
+		{"nil status", StatusFunc(func() any { return nil }), "{}\n"},
+		{"struct", StatusFunc(func() any { return status{Mountpoint: "/m", Models: []int{1, 2}} }),
 			"{\n  \"mountpoint\": \"/m\",\n  \"models\": [\n    1,\n    2\n  ]\n}\n"},
-		{"map", statusFunc(func() any { return map[string]int{"b": 2, "a": 1} }), "{\n  \"a\": 1,\n  \"b\": 2\n}\n"},
-		{"raw JSON", statusFunc(func() any { return []any{"x"} }), "[\n  \"x\"\n]\n"},
-		{"unmarshalable", statusFunc(func() any { return make(chan int) }),
+		{"map", StatusFunc(func() any { return map[string]int{"b": 2, "a": 1} }), "{\n  \"a\": 1,\n  \"b\": 2\n}\n"},
+		{"raw JSON", StatusFunc(func() any { return []any{"x"} }), "[\n  \"x\"\n]\n"},
+		{"unmarshalable", StatusFunc(func() any { return make(chan int) }),
 			"{\n  \"error\": \"json: unsupported type: chan int\"\n}\n"},
-		{"panic", statusFunc(func() any { panic("boom \"quoted\"") }),
+		{"panic", StatusFunc(func() any { panic("boom \"quoted\"") }),
 			"{\n  \"error\": \"status: boom \\\"quoted\\\"\"\n}\n"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			calls := 0
 			src := tc.src
-			if f, ok := src.(statusFunc); ok {
-				src = statusFunc(func() any { calls++; return f() })
+			if f, ok := src.(StatusFunc); ok {
+				src = StatusFunc(func() any { calls++; return f() })
 			}
 			if got := string(renderStatus(src)); got != tc.want {
 				t.Errorf("renderStatus = %q, want %q", got, tc.want)
@@ -544,7 +544,7 @@ func TestIoctl(t *testing.T) {
 func TestNodeStatus(t *testing.T) {
 	st := newStore(t)
 	n := 0
-	root := nodeTree(t, st, Options{Status: statusFunc(func() any { n++; return map[string]int{"n": n} })})
+	root := nodeTree(t, st, Options{Status: StatusFunc(func() any { n++; return map[string]int{"n": n} })})
 	node, out := lookupPath(t, root, ".weightfs/status.json")
 	f := node.(*statusFile)
 	ctx := context.Background()

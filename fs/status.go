@@ -23,6 +23,12 @@ const (
 // StatusSource says what .weightfs/status.json shows; fs renders it as indented JSON.
 type StatusSource interface{ Status() any }
 
+// StatusFunc is a StatusSource made of a function.
+type StatusFunc func() any
+
+// Status calls f.
+func (f StatusFunc) Status() any { return f() }
+
 // renderStatus renders src as indented JSON with a final newline: {} for no
 // source (or a nil status), {"error": "..."} when the value cannot be
 // marshalled or Status panics. It calls Status once and does nothing else.

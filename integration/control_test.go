@@ -1073,3 +1073,31 @@ func TestControlErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestKeepVersionsAndRollback: the daemon's --keep-versions reaches the
+// store, and weightfs rollback moves the mount's symlink at once.
+func TestKeepVersionsAndRollback(t *testing.T) {
+	src := filepath.Join(t.TempDir(), "m")
+	writeModel(t, src, 50, 300)
+	c := startControl(t, "--keep-versions", "2")
+	for range 3 {
+		if _, stderr, code := c.run(t, "load", "m", src); code != 0 {
+			t.Fatalf("load: exit %d: %s", code, stderr)
+		}
+	}
+	if _, err := os.Lstat(filepath.Join(c.mnt, "m@1")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("m@1 after m@3 with --keep-versions 2: %v, want ENOENT", err)
+	}
+	if !strings.Contains(c.log(), `msg="dropped an old version" version=m@1`) {
+		t.Errorf("the daemon did not log dropping m@1:\n%s", c.log())
+	}
+	if stdout, stderr, code := c.run(t, "rollback", "m"); code != 0 || stdout != "m -> m@2\n" {
+		t.Fatalf("rollback: exit %d, %q, %s", code, stdout, stderr)
+	}
+	if target, err := os.Readlink(filepath.Join(c.mnt, "m")); err != nil || target != "m@2" {
+		t.Errorf("m -> %q, %v after the rollback; want m@2", target, err)
+	}
+	if _, stderr, code := c.run(t, "rollback", "m"); code != 1 || !strings.Contains(stderr, "no version older than the current m@2") {
+		t.Errorf("a second rollback: exit %d, %q; want 1, nothing older", code, stderr)
+	}
+}

@@ -202,31 +202,110 @@ func (s *Store) Unload(name string, number int) ([]*Version, error) {
 		return nil, errorf(ErrNotFound, "unload %s: no version %d (versions: %s)", name, number, versionList(m.versions))
 	}
 	m.versions = kept
-	m.current = nil
-	if len(kept) > 0 {
-		m.current = kept[len(kept)-1]
+	moved := false
+	if len(kept) == 0 {
+		m.current = nil
+	} else if slices.Contains(gone, m.current) {
+		m.current, moved = kept[len(kept)-1], true
 	}
 	m.mu.Unlock()
 	if len(kept) == 0 {
 		delete(s.models, name)
 	}
+	s.drainLocked(gone)
+	onCurrent, onRemove := s.hooksLocked()
+	s.mu.Unlock()
+	if moved {
+		for _, h := range onCurrent {
+			h(m)
+		}
+	}
+	s.removed(gone, onRemove, "")
+	return gone, nil
+}
+
+// drainLocked marks versions taken off the mount as draining until freed.
+// s.mu is held.
+func (s *Store) drainLocked(gone []*Version) {
 	for _, v := range gone {
 		v.use.mu.Lock()
 		v.use.draining = true
 		v.use.mu.Unlock()
 		s.draining = append(s.draining, v)
 	}
-	hooks := append([]func(*Version){}, s.onRemove...)
-	s.mu.Unlock()
+}
 
+// hooksLocked copies the hooks to call once s.mu is released.
+func (s *Store) hooksLocked() (onCurrent []func(*Model), onRemove []func(*Version)) {
+	return slices.Clone(s.onCurrent), slices.Clone(s.onRemove)
+}
+
+// removed logs versions taken off the mount (why: "" for an unload, else the
+// rule that dropped them), tells the hooks and frees those nothing uses.
+func (s *Store) removed(gone []*Version, hooks []func(*Version), why string) {
+	if len(gone) == 0 {
+		return
+	}
 	for _, v := range gone {
-		s.log.Info("unloaded", "version", v.Name(), "open_files", v.OpenFiles())
+		if why == "" {
+			s.log.Info("unloaded", "version", v.Name(), "open_files", v.OpenFiles())
+		} else {
+			s.log.Info("dropped an old version", "version", v.Name(), "open_files", v.OpenFiles(), "reason", why)
+		}
 		for _, h := range hooks {
 			h(v)
 		}
 	}
 	s.reap(gone...)
-	return gone, nil
+}
+
+// Rollback makes version to (0: the newest one older than the current one)
+// of a model its current version: the NAME symlink points to it at once. The
+// versions stay as they are, and the next commit becomes current with the
+// next number as usual. An unknown model or version is ErrNotFound; to 0 with
+// no version older than the current one is ErrInvalid.
+func (s *Store) Rollback(name string, to int) (*Version, error) {
+	if err := checkVersionRequest("rollback", name, to); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil, errorf(ErrBusy, "rollback %s: the store is closed", name)
+	}
+	m := s.models[name]
+	if m == nil {
+		s.mu.Unlock()
+		return nil, errorf(ErrNotFound, "rollback %s: no such model", name)
+	}
+	m.mu.Lock()
+	from := m.current
+	var target *Version
+	for _, v := range m.versions {
+		if (to > 0 && v.number == to) || (to == 0 && v.number < from.number) {
+			target = v
+		}
+	}
+	list := versionList(m.versions)
+	if target != nil {
+		m.current = target
+	}
+	m.mu.Unlock()
+	hooks := slices.Clone(s.onCurrent)
+	s.mu.Unlock()
+	switch {
+	case target == nil && to > 0:
+		return nil, errorf(ErrNotFound, "rollback %s: no version %d (versions: %s)", name, to, list)
+	case target == nil:
+		return nil, errorf(ErrInvalid, "rollback %s: no version older than the current %s to roll back to (versions: %s)",
+			name, from.Name(), list)
+	case target != from:
+		s.log.Info("rolled back", "model", name, "from", from.Name(), "to", target.Name())
+		for _, h := range hooks {
+			h(m)
+		}
+	}
+	return target, nil
 }
 
 // checkVersionRequest checks the name and number of an unload or a verify.
@@ -260,6 +339,14 @@ func (s *Store) OnRemove(f func(*Version)) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.onRemove = append(s.onRemove, f)
+}
+
+// OnCurrent registers f to be told of every change of a model's current
+// version (the file system drops the NAME symlink from the kernel's caches).
+func (s *Store) OnCurrent(f func(*Model)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.onCurrent = append(s.onCurrent, f)
 }
 
 // Draining lists unloaded versions whose memory is not freed yet: still in

@@ -19,6 +19,10 @@ type Config struct {
 	// the machine's and the memory cgroup's limits: a size, or a percentage
 	// of each limit ("": DefaultMemoryReserve).
 	MemoryReserve string
+	// KeepVersions is --keep-versions: how many versions of each model
+	// stay when one is committed (the current one always stays); 0 keeps
+	// all. The flag's default is DefaultKeepVersions.
+	KeepVersions int
 }
 
 // Open sets up a daemon's store: its host memory (a huge-page tmpfs, or
@@ -44,6 +48,9 @@ func Open(cfg Config) (st *Store, closeAll func(), err error) {
 	reserve, err := ParseMemoryReserve(cfg.MemoryReserve)
 	if err != nil {
 		return nil, nil, errorf(ErrInvalid, "--memory-reserve %w", err)
+	}
+	if cfg.KeepVersions < 0 {
+		return nil, nil, errorf(ErrInvalid, "--keep-versions %d: want 0 (keep every version) or more", cfg.KeepVersions)
 	}
 	if cfg.GPUMemory != "" && len(cfg.GPUs) == 0 {
 		return nil, nil, errorf(ErrInvalid, "--gpu-memory needs --gpu")
@@ -74,6 +81,7 @@ func Open(cfg Config) (st *Store, closeAll func(), err error) {
 		}
 		log.Info("host memory admission", attrs...)
 	}
-	st = New(arena, Options{Logger: log, GPUs: gpus, Budgets: budgets, MemoryReserve: reserve})
+	st = New(arena, Options{Logger: log, GPUs: gpus, Budgets: budgets, MemoryReserve: reserve,
+		KeepVersions: cfg.KeepVersions})
 	return st, func() { st.Close(); closeGPUs() }, nil
 }

@@ -36,6 +36,8 @@ type Store struct {
 	memReserve MemoryReserve
 	draining   []*Version       // unloaded, still in use
 	onRemove   []func(*Version) // told of every version leaving the mount
+	onCurrent  []func(*Model)   // told of every change of a model's current version
+	keep       int              // versions kept per model (0: all); see retain
 	loads      map[*Load]bool   // loads in progress
 	logEvery   time.Duration    // how often a load in progress is logged
 	// lastNumber outlives a model's unload: version numbers are never reused.
@@ -67,7 +69,16 @@ type Options struct {
 	SystemMemory func() (SystemMemory, error)
 	// MemoryReserve is that margin (default: DefaultMemoryReserve).
 	MemoryReserve MemoryReserve
+	// KeepVersions is how many versions of a model stay when one is
+	// committed: the newest KeepVersions, and the current one whatever its
+	// number. Older ones are unloaded (they drain as for Unload). 0 keeps
+	// every version; daemons use DefaultKeepVersions.
+	KeepVersions int
 }
+
+// DefaultKeepVersions is what a daemon keeps of each model: the current
+// version and one to roll back to.
+const DefaultKeepVersions = 2
 
 // DefaultLogEvery is how often a load in progress logs its progress, for
 // journalctl and kubectl logs.
@@ -77,7 +88,7 @@ const DefaultLogEvery = 5 * time.Second
 // the arena from now on and closes it in Close.
 func New(arena *Arena, opts Options) *Store {
 	s := &Store{arena: arena, log: opts.Logger, gpus: opts.GPUs, budgets: opts.Budgets, logEvery: opts.LogEvery,
-		sysmem: opts.SystemMemory, memReserve: opts.MemoryReserve,
+		sysmem: opts.SystemMemory, memReserve: opts.MemoryReserve, keep: max(opts.KeepVersions, 0),
 		models: map[string]*Model{}, loads: map[*Load]bool{}, lastNumber: map[string]int{}}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -170,11 +181,12 @@ func (s *Store) Close() error {
 }
 
 // commit makes a fully loaded version visible under the next number of its
-// model.
+// model, as its current version, then unloads what the retention rule no
+// longer keeps.
 func (s *Store) commit(name string, v *Version) error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.closed {
+		s.mu.Unlock()
 		return errorf(ErrBusy, "load %s: the store is closed", name)
 	}
 	m := s.models[name]
@@ -183,14 +195,41 @@ func (s *Store) commit(name string, v *Version) error {
 		s.models[name] = m
 	}
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	s.lastNumber[name]++
 	v.number = s.lastNumber[name]
 	v.model = name
 	v.store = s
 	m.versions = append(m.versions, v)
 	m.current = v
+	var gone []*Version
+	m.versions, gone = retain(m.versions, m.current, s.keep)
+	m.mu.Unlock()
+	s.drainLocked(gone)
+	onCurrent, onRemove := s.hooksLocked()
+	s.mu.Unlock()
+	for _, h := range onCurrent {
+		h(m)
+	}
+	s.removed(gone, onRemove, fmt.Sprintf("retention: %s committed, keeping the newest %d versions and the current one", v.Name(), s.keep))
 	return nil
+}
+
+// retain splits versions (ascending numbers) into those the retention rule
+// keeps, the newest keep of them and current whatever its number, and those
+// it drops. keep 0 keeps every version.
+func retain(versions []*Version, current *Version, keep int) (kept, gone []*Version) {
+	if keep <= 0 || len(versions) <= keep {
+		return versions, nil
+	}
+	cut := len(versions) - keep
+	for i, v := range versions {
+		if i >= cut || v == current {
+			kept = append(kept, v)
+		} else {
+			gone = append(gone, v)
+		}
+	}
+	return kept, gone
 }
 
 // checkOpen refuses a request to a closed store (ErrBusy).
@@ -244,7 +283,8 @@ func (m *Model) Name() string { return m.name }
 // Ino is the stable inode number of the model's "current" symlink.
 func (m *Model) Ino() uint64 { return m.ino }
 
-// Current is the newest committed version.
+// Current is the version the model's symlink points to: the newest
+// committed one, unless Rollback moved it.
 func (m *Model) Current() *Version {
 	m.mu.RLock()
 	defer m.mu.RUnlock()

@@ -69,8 +69,8 @@ and mounts them with FUSE as read-only Hugging Face model folders.
 			return unknownCommand(root, args)
 		},
 	})
-	root.AddCommand(a.mountCommand(), a.loadCommand(), a.unloadCommand(), a.cancelCommand(), a.listCommand(),
-		a.statusCommand(), a.verifyCommand())
+	root.AddCommand(a.mountCommand(), a.loadCommand(), a.unloadCommand(), a.rollbackCommand(), a.cancelCommand(),
+		a.listCommand(), a.statusCommand(), a.verifyCommand())
 	root.InitDefaultCompletionCmd()
 	completion, _, _ := root.Find([]string{"completion"})
 	for _, c := range []*cobra.Command{root, completion} {
@@ -194,6 +194,20 @@ func (a *app) unloadCommand() *cobra.Command {
 			return show(a, control.Unloaded{Unloaded: gone}, err, func(w io.Writer, u control.Unloaded) { report.Unloaded(w, u.Unloaded) })
 		}}
 	c.Flags().IntVar(&number, "version", 0, "unload only this version (default: all)")
+	return c
+}
+
+func (a *app) rollbackCommand() *cobra.Command {
+	var to int
+	c := &cobra.Command{Use: "rollback NAME [--to N]", Short: "Point NAME at a kept version (default: the one before the current)",
+		Args: nargs(1, 1), ValidArgsFunction: a.completeModels, RunE: func(c *cobra.Command, args []string) error {
+			if to < 0 {
+				return usagef("rollback: --to %d: want a version number", to)
+			}
+			v, err := a.client().Rollback(c.Context(), args[0], to)
+			return show(a, map[string]any{"version": v}, err, func(w io.Writer, _ map[string]any) { report.RolledBack(w, v) })
+		}}
+	c.Flags().IntVar(&to, "to", 0, "make this version current (default: the newest one older than the current one)")
 	return c
 }
 

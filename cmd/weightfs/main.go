@@ -66,8 +66,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 
 // jsonLogsAsked finds --log-format json in args whose parsing failed.
 func jsonLogsAsked(args []string) bool {
-	s := " " + strings.Join(args, " ") + " "
-	return strings.Contains(s, " --log-format=json ") || strings.Contains(s, " --log-format json ")
+	return strings.Contains(" "+strings.Join(args, " ")+" ", " --log-format json ") || strings.Contains(" "+strings.Join(args, " ")+" ", " --log-format=json ")
 }
 
 // explain words an error for the person who ran the command, naming the
@@ -78,6 +77,5 @@ func explain(err error) (string, []any) {
 		return err.Error(), nil
 	}
 	flag := map[string]string{store.TierHost: "--host-memory", store.TierGPU: "--gpu-memory", store.TierSystem: "--memory-reserve"}[be.Tier]
-	msg := be.Explain(flag)
-	return msg, []any{"flag", flag, "tier", be.Tier, "gpu", be.GPU, "need", be.Need, "free", be.Free, "budget", be.Budget, "reserve", be.Reserve, "cgroup", be.Cgroup}
+	return be.Explain(flag), []any{"flag", flag, "tier", be.Tier, "gpu", be.GPU, "need", be.Need, "free", be.Free, "budget", be.Budget, "reserve", be.Reserve, "cgroup", be.Cgroup}
 }

@@ -98,6 +98,10 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"load", "a@b", dir}, "must not contain"},
 		{[]string{"unload"}, "usage: weightfs unload NAME"},
 		{[]string{"unload", "m", "--version", "-1"}, "want a version number"},
+		{[]string{"rollback"}, "usage: weightfs rollback NAME [--to N]"},
+		{[]string{"rollback", "m", "--to", "-2"}, "rollback: --to -2: want a version number"},
+		{[]string{"rollback", "m", "--to", "x"}, "--to"},
+		{[]string{"mount", dir, "--keep-versions", "-1"}, "--keep-versions -1"},
 		{[]string{"ls", "extra"}, "usage: weightfs ls"},
 		{[]string{"status", "--bogus"}, "status: unknown flag: --bogus"},
 		{[]string{"verify", "m", "--version", "x"}, "--version"},
@@ -222,6 +226,47 @@ func TestClientCommands(t *testing.T) {
 	_, stderr, _ = weightfs(t, "--log-format=json", "--nope")
 	if err := json.Unmarshal([]byte(stderr), &rec); err != nil || rec.Exit != 2 {
 		t.Errorf("--log-format=json usage error: %v, %q", err, stderr)
+	}
+}
+
+// TestRollbackCommand: weightfs rollback moves the symlink, in text and
+// JSON, and refusals exit 1 with one line.
+func TestRollbackCommand(t *testing.T) {
+	sock := serve(t, controlHandler, store.Budgets{})
+	src := writeModel(t, 4096)
+	for range 3 {
+		if _, _, code := weightfs(t, "--socket", sock, "load", "m", src); code != 0 {
+			t.Fatal("load")
+		}
+	}
+	for _, tc := range []struct {
+		args   []string
+		code   int
+		stdout string
+		stderr string
+	}{
+		{args: []string{"rollback", "m"}, stdout: "m -> m@2\n"},
+		{args: []string{"rollback", "m", "--to", "3"}, stdout: "m -> m@3\n"},
+		{args: []string{"rollback", "m", "--to=1"}, stdout: "m -> m@1\n"},
+		{args: []string{"rollback", "m"}, code: 1, stderr: "no version older than the current m@1"},
+		{args: []string{"rollback", "m", "--to", "9"}, code: 1, stderr: "no version 9 (versions: 1, 2, 3)"},
+		{args: []string{"rollback", "nosuch"}, code: 1, stderr: "no such model"},
+	} {
+		stdout, stderr, code := weightfs(t, append(tc.args, "--socket", sock)...)
+		if code != tc.code || stdout != tc.stdout {
+			t.Errorf("weightfs %q: exit %d, stdout %q; want exit %d, %q", tc.args, code, stdout, tc.code, tc.stdout)
+		}
+		if tc.code != 0 {
+			oneLineError(t, tc.args, stderr, tc.stderr)
+		}
+	}
+	stdout, _, code := weightfs(t, "rollback", "m", "--to", "2", "--json", "--socket", sock)
+	var out struct{ Version control.Version }
+	if err := json.Unmarshal([]byte(stdout), &out); code != 0 || err != nil || out.Version.Name != "m@2" || !out.Version.Current {
+		t.Errorf("rollback --json: exit %d, %v, %q", code, err, stdout)
+	}
+	if stdout, _, _ := weightfs(t, "ls", "--socket", sock); !strings.Contains(stdout, "m@2 *") {
+		t.Errorf("ls after the rollback does not mark m@2 current:\n%s", stdout)
 	}
 }
 

@@ -53,6 +53,7 @@ Sizes: bytes, Ki/Mi/Gi/Ti (or KiB…TiB, K…T: binary), KB…TB (decimal), or a
 	fl.StringVar(&f.store.HostMemory, "host-memory", "", "host memory budget: a size (64Gi) or a percentage of RAM (80%); default: none")
 	fl.StringVar(&f.store.MemoryReserve, "memory-reserve", "", "host memory a load leaves free below the machine's and the memory cgroup's limits: a size or a percentage of each; default: the larger of 1Gi and 5%")
 	fl.StringVar(&f.store.GPUMemory, "gpu-memory", "", "GPU memory budget on each --gpu: a size or a percentage of the GPU's memory")
+	fl.IntVar(&f.store.KeepVersions, "keep-versions", store.DefaultKeepVersions, "versions of each model kept when one is committed, the current one always among them; older ones are unloaded (0: keep all)")
 	fl.StringVar(&f.metrics, "metrics-addr", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9464)")
 	fl.BoolVar(&f.debug, "debug", false, "log every FUSE request")
 	return c
@@ -90,12 +91,11 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 		}
 		models = append([]store.ModelSpec{{Name: "demo", Path: dir}}, models...)
 	}
-	var allowUIDs, allowGIDs []uint32
-	for _, id := range f.allowUIDs {
-		allowUIDs = append(allowUIDs, uint32(id))
-	}
-	for _, id := range f.allowGIDs {
-		allowGIDs = append(allowGIDs, uint32(id))
+	var allow [2][]uint32 // --gpu-allow-uid, --gpu-allow-gid
+	for i, ids := range [][]uint{f.allowUIDs, f.allowGIDs} {
+		for _, id := range ids {
+			allow[i] = append(allow[i], uint32(id))
+		}
 	}
 	controlListener, err := control.Listen(a.socket)
 	if err != nil {
@@ -109,15 +109,14 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 		}
 		defer metricsListener.Close()
 	}
-
 	ctx, cancel := context.WithCancel(context.Background()) // the daemon's lifetime: loads run on it
 	defer cancel()
 	procMem, closeMonitor := store.ProcessMemory(st.GPUs(), log)
 	defer closeMonitor()
 	ctl := control.NewServer(st, control.Options{Logger: log, Version: version, GPUProcessBytes: procMem, Context: ctx})
 	srv, err := wfs.Mount(mountpoint, st, wfs.Options{
-		ForceCached: f.cached, AllowOther: f.allowOther, Logger: log, Debug: f.debug, AllowUIDs: allowUIDs, AllowGIDs: allowGIDs,
-		Status: statusSource{ctl},
+		ForceCached: f.cached, AllowOther: f.allowOther, Logger: log, Debug: f.debug, AllowUIDs: allow[0], AllowGIDs: allow[1],
+		Status: wfs.StatusFunc(func() any { return ctl.Status() }),
 	})
 	if err != nil {
 		return err
@@ -168,8 +167,3 @@ func (a *app) loadModels(ctx context.Context, ctl *control.Server, mountpoint st
 		fmt.Fprintf(a.stdout, "weightfs: serving %s (Ctrl-C to unmount; control socket %s)\n", mountpoint, a.socket)
 	}
 }
-
-// statusSource shows the control server's status in .weightfs/status.json.
-type statusSource struct{ ctl *control.Server }
-
-func (s statusSource) Status() any { return s.ctl.Status() }

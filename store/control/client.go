@@ -113,6 +113,16 @@ func (c *Client) Unload(ctx context.Context, name string, version int) ([]Versio
 	return out.Unloaded, nil
 }
 
+// Rollback makes version (0: the newest one older than the current one) of a
+// model its current version, and returns it.
+func (c *Client) Rollback(ctx context.Context, name string, version int) (*Version, error) {
+	var out RolledBack
+	if err := c.call(ctx, http.MethodPost, "/v1/rollback", VersionRequest{Name: name, Version: version}, &out); err != nil {
+		return nil, err
+	}
+	return &out.Version, nil
+}
+
 // Verify compares version (0: the current one) of a model with its source.
 func (c *Client) Verify(ctx context.Context, name string, version int) (*Verified, error) {
 	var out Verified

@@ -238,6 +238,48 @@ func TestLoadListStatusUnload(t *testing.T) {
 	}
 }
 
+func TestRollback(t *testing.T) {
+	h := newHarness(t, store.Budgets{})
+	ctx := context.Background()
+	dir, _ := writeModel(t, 4096)
+	for range 3 {
+		if _, err := h.c.Load(ctx, "m", dir, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct{ to, want int }{{0, 2}, {0, 1}, {3, 3}, {1, 1}} {
+		v, err := h.c.Rollback(ctx, "m", tc.to)
+		if err != nil || v.Name != fmt.Sprintf("m@%d", tc.want) || v.Number != tc.want || !v.Current || v.State != store.StateReady {
+			t.Fatalf("rollback --to %d: %+v, %v; want current m@%d", tc.to, v, err, tc.want)
+		}
+		l, err := h.c.List(ctx)
+		if err != nil || l.Models[0].Current != tc.want {
+			t.Fatalf("after rollback --to %d: list %+v, %v; want current %d", tc.to, l, err, tc.want)
+		}
+		for _, lv := range l.Models[0].Versions {
+			if lv.Current != (lv.Number == tc.want) {
+				t.Errorf("after rollback --to %d: %s current %v", tc.to, lv.Name, lv.Current)
+			}
+		}
+	}
+	// The wire form: {"version": Version}.
+	resp, err := h.raw.Post("http://weightfs/v1/rollback", "application/json", strings.NewReader(`{"name":"m","version":2}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var out map[string]map[string]any
+	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil || resp.StatusCode != 200 || out["version"]["name"] != "m@2" || out["version"]["current"] != true {
+		t.Errorf("POST /v1/rollback: %d %v, %v", resp.StatusCode, out, err)
+	}
+	if _, err := h.c.Rollback(ctx, "m", 9); err == nil {
+		t.Fatal("rollback to m@9 succeeded")
+	}
+	if got := testutil.ToFloat64(h.srv.metrics.errors.WithLabelValues("rollback")); got != 1 {
+		t.Errorf("weightfs_errors_total{kind=rollback} = %v, want 1", got)
+	}
+}
+
 func TestVerify(t *testing.T) {
 	h := newHarness(t, store.Budgets{})
 	ctx := context.Background()
@@ -383,6 +425,26 @@ func TestErrors(t *testing.T) {
 		}, status: 400, code: CodeInvalid, kind: store.ErrInvalid, want: []string{"-1"}},
 		{what: "unload: closed store", setup: func(h *harness) { h.st.Close() }, call: func(ctx context.Context, c *Client) error {
 			_, err := c.Unload(ctx, "m", 0)
+			return err
+		}, status: 409, code: CodeBusy, kind: store.ErrBusy, want: []string{"closed"}},
+		{what: "rollback: unknown model", call: func(ctx context.Context, c *Client) error {
+			_, err := c.Rollback(ctx, "nope", 0)
+			return err
+		}, status: 404, code: CodeNotFound, kind: store.ErrNotFound, want: []string{"nope", "no such model"}},
+		{what: "rollback: unknown version", call: func(ctx context.Context, c *Client) error {
+			_, err := c.Rollback(ctx, "m", 7)
+			return err
+		}, status: 404, code: CodeNotFound, kind: store.ErrNotFound, want: []string{"no version 7", "versions: 1"}},
+		{what: "rollback: nothing older", call: func(ctx context.Context, c *Client) error {
+			_, err := c.Rollback(ctx, "m", 0)
+			return err
+		}, status: 400, code: CodeInvalid, kind: store.ErrInvalid, want: []string{"no version older than the current m@1"}},
+		{what: "rollback: negative version", call: func(ctx context.Context, c *Client) error {
+			_, err := c.Rollback(ctx, "m", -1)
+			return err
+		}, status: 400, code: CodeInvalid, kind: store.ErrInvalid, want: []string{"-1"}},
+		{what: "rollback: closed store", setup: func(h *harness) { h.st.Close() }, call: func(ctx context.Context, c *Client) error {
+			_, err := c.Rollback(ctx, "m", 0)
 			return err
 		}, status: 409, code: CodeBusy, kind: store.ErrBusy, want: []string{"closed"}},
 		{what: "verify: unknown model", call: func(ctx context.Context, c *Client) error {
@@ -707,11 +769,12 @@ func TestNoDaemon(t *testing.T) {
 	} {
 		ctx := context.Background()
 		for name, call := range map[string]func() error{
-			"ls":     func() error { _, err := x.c.List(ctx); return err },
-			"status": func() error { _, err := x.c.Status(ctx); return err },
-			"load":   func() error { _, err := x.c.Load(ctx, "m", "/models/m", nil); return err },
-			"unload": func() error { _, err := x.c.Unload(ctx, "m", 0); return err },
-			"verify": func() error { _, err := x.c.Verify(ctx, "m", 0); return err },
+			"ls":       func() error { _, err := x.c.List(ctx); return err },
+			"status":   func() error { _, err := x.c.Status(ctx); return err },
+			"load":     func() error { _, err := x.c.Load(ctx, "m", "/models/m", nil); return err },
+			"unload":   func() error { _, err := x.c.Unload(ctx, "m", 0); return err },
+			"rollback": func() error { _, err := x.c.Rollback(ctx, "m", 0); return err },
+			"verify":   func() error { _, err := x.c.Verify(ctx, "m", 0); return err },
 		} {
 			err := call()
 			var e *Error

@@ -28,10 +28,10 @@ func newMetrics() *metrics {
 			Buckets: prometheus.ExponentialBuckets(0.01, 2, 16),
 		}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "weightfs_errors_total", Help: "Errors, by kind (load, unload, verify, gpu).",
+			Name: "weightfs_errors_total", Help: "Errors, by kind (load, unload, rollback, verify, gpu).",
 		}, []string{"kind"}),
 	}
-	for _, kind := range []string{"load", "unload", "verify", "gpu"} {
+	for _, kind := range []string{"load", "unload", "rollback", "verify", "gpu"} {
 		m.errors.WithLabelValues(kind)
 	}
 	m.loads.WithLabelValues("ok")

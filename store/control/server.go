@@ -87,6 +87,7 @@ func (s *Server) Handler() http.Handler {
 	})
 	mux.HandleFunc("POST /v1/load", s.serveLoad)
 	mux.HandleFunc("POST /v1/unload", s.serveUnload)
+	mux.HandleFunc("POST /v1/rollback", s.serveRollback)
 	mux.HandleFunc("POST /v1/verify", s.serveVerify)
 	mux.HandleFunc("POST /v1/cancel", s.serveCancel)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
@@ -111,6 +112,20 @@ func (s *Server) serveUnload(w http.ResponseWriter, r *http.Request) {
 		out.Unloaded = append(out.Unloaded, versionOf(v, false))
 	}
 	writeJSON(w, http.StatusOK, out)
+}
+
+func (s *Server) serveRollback(w http.ResponseWriter, r *http.Request) {
+	var req VersionRequest
+	if !readJSON(w, r, &req) {
+		return
+	}
+	v, err := s.store.Rollback(req.Name, req.Version)
+	if err != nil {
+		s.metrics.errors.WithLabelValues("rollback").Inc()
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, RolledBack{Version: versionOf(v, true)})
 }
 
 func (s *Server) serveVerify(w http.ResponseWriter, r *http.Request) {

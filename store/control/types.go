@@ -105,10 +105,18 @@ type Cancelled struct {
 	Cancelled []Load `json:"cancelled"`
 }
 
-// VersionRequest is the body of POST /v1/unload and POST /v1/verify.
+// VersionRequest is the body of POST /v1/unload, POST /v1/rollback and
+// POST /v1/verify.
 type VersionRequest struct {
-	Name    string `json:"name"`
-	Version int    `json:"version"` // 0: every version (unload), the current one (verify)
+	Name string `json:"name"`
+	// 0: every version (unload), the newest one older than the current
+	// one (rollback), the current one (verify).
+	Version int `json:"version"`
+}
+
+// RolledBack answers POST /v1/rollback: the model's new current version.
+type RolledBack struct {
+	Version Version `json:"version"`
 }
 
 // LoadEvent is one line of a load's streamed answer: progress, then the

@@ -37,6 +37,11 @@ func Unloaded(w io.Writer, gone []control.Version) {
 	}
 }
 
+// RolledBack says where a model's symlink points now.
+func RolledBack(w io.Writer, v *control.Version) {
+	fmt.Fprintf(w, "%s -> %s\n", v.Model, v.Name)
+}
+
 // Cancelled is one line per load cancelled.
 func Cancelled(w io.Writer, loads []control.Load) {
 	for _, l := range loads {
