@@ -543,3 +543,26 @@ func TestCrossCheckNLPWriter(t *testing.T) {
 		}
 	}
 }
+
+func TestByteSize(t *testing.T) {
+	for _, c := range []struct {
+		dt    DType
+		shape []int64
+		size  int64
+		class Class
+	}{
+		{BF16, []int64{3, 5}, 30, ""},
+		{F32, nil, 4, ""},
+		{F4, []int64{4}, 2, ""},
+		{F4, []int64{3}, 0, SizeMismatch},
+		{"F128", []int64{1}, 0, BadDType},
+		{U8, []int64{2, -1}, 0, BadShape},
+		{U8, []int64{1 << 32, 1 << 32}, 0, BadShape},
+		{F64, []int64{1 << 61}, 0, BadShape},
+	} {
+		size, err := ByteSize(c.dt, c.shape)
+		if size != c.size || ClassOf(err) != c.class {
+			t.Errorf("ByteSize(%s, %v) = %d, %v; want %d, class %q", c.dt, c.shape, size, err, c.size, c.class)
+		}
+	}
+}

@@ -193,3 +193,21 @@ func appendString(buf []byte, s string) []byte {
 	}
 	return append(buf, '"')
 }
+
+// ByteSize returns the size in bytes of a tensor of dtype dt and shape
+// shape, checked as the parser checks a header entry: an unknown dtype
+// (BadDType), a negative dimension or an element or bit count that overflows
+// 64 bits (BadShape), or a size that is not a whole number of bytes
+// (SizeMismatch) is a *FormatError of that Class.
+func ByteSize(dt DType, shape []int64) (int64, error) {
+	for _, d := range shape {
+		if d < 0 {
+			return 0, formatErr(BadShape, "shape %s has a negative dimension", fmtShape(shape))
+		}
+	}
+	size, class, problem := byteSize(dt, shape)
+	if problem != "" {
+		return 0, formatErr(class, "%s", problem)
+	}
+	return size, nil
+}
