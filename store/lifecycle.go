@@ -202,11 +202,16 @@ func (s *Store) Unload(name string, number int) ([]*Version, error) {
 		return nil, errorf(ErrNotFound, "unload %s: no version %d (versions: %s)", name, number, versionList(m.versions))
 	}
 	m.versions = kept
+	old := m.current
 	m.current = nil
 	if len(kept) > 0 {
 		m.current = kept[len(kept)-1]
 	}
+	moved := m.current != old
 	m.mu.Unlock()
+	if moved {
+		s.changed(name)
+	}
 	if len(kept) == 0 {
 		delete(s.models, name)
 	}

@@ -40,6 +40,10 @@ type Store struct {
 	logEvery   time.Duration    // how often a load in progress is logged
 	// lastNumber outlives a model's unload: version numbers are never reused.
 	lastNumber map[string]int
+	// watchers are closed at the next change of a model's current
+	// version (watch.go); watchMu nests inside mu.
+	watchMu  sync.Mutex
+	watchers map[string]chan struct{}
 
 	// nextIno hands out stable inode numbers: 1 is the mount's root.
 	nextIno atomic.Uint64
@@ -78,7 +82,8 @@ const DefaultLogEvery = 5 * time.Second
 func New(arena *Arena, opts Options) *Store {
 	s := &Store{arena: arena, log: opts.Logger, gpus: opts.GPUs, budgets: opts.Budgets, logEvery: opts.LogEvery,
 		sysmem: opts.SystemMemory, memReserve: opts.MemoryReserve,
-		models: map[string]*Model{}, loads: map[*Load]bool{}, lastNumber: map[string]int{}}
+		models: map[string]*Model{}, loads: map[*Load]bool{}, lastNumber: map[string]int{},
+		watchers: map[string]chan struct{}{}}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -157,6 +162,7 @@ func (s *Store) Close() error {
 		return nil
 	}
 	s.closed = true
+	s.changedAll()
 	var errs []error
 	for _, v := range s.allVersionsLocked() {
 		if err := v.free(); err != nil {
@@ -190,6 +196,7 @@ func (s *Store) commit(name string, v *Version) error {
 	v.store = s
 	m.versions = append(m.versions, v)
 	m.current = v
+	s.changed(name)
 	return nil
 }
 

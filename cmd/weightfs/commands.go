@@ -70,7 +70,7 @@ and mounts them with FUSE as read-only Hugging Face model folders.
 		},
 	})
 	root.AddCommand(a.mountCommand(), a.loadCommand(), a.unloadCommand(), a.cancelCommand(), a.listCommand(),
-		a.statusCommand(), a.verifyCommand())
+		a.statusCommand(), a.verifyCommand(), a.watchCommand())
 	root.InitDefaultCompletionCmd()
 	completion, _, _ := root.Find([]string{"completion"})
 	for _, c := range []*cobra.Command{root, completion} {
@@ -233,4 +233,11 @@ func (a *app) verifyCommand() *cobra.Command {
 		}}
 	c.Flags().IntVar(&number, "version", 0, "verify this version (default: the current one)")
 	return c
+}
+
+func (a *app) watchCommand() *cobra.Command {
+	return &cobra.Command{Use: "watch NAME", Short: "Print a JSON line for the current version of NAME and each new one, until Ctrl-C",
+		Args: nargs(1, 1), ValidArgsFunction: a.completeModels, RunE: func(c *cobra.Command, args []string) error {
+			return a.client().Watch(c.Context(), args[0], a.stdout)
+		}}
 }

@@ -78,6 +78,5 @@ func explain(err error) (string, []any) {
 		return err.Error(), nil
 	}
 	flag := map[string]string{store.TierHost: "--host-memory", store.TierGPU: "--gpu-memory", store.TierSystem: "--memory-reserve"}[be.Tier]
-	msg := be.Explain(flag)
-	return msg, []any{"flag", flag, "tier", be.Tier, "gpu", be.GPU, "need", be.Need, "free", be.Free, "budget", be.Budget, "reserve", be.Reserve, "cgroup", be.Cgroup}
+	return be.Explain(flag), []any{"flag", flag, "tier", be.Tier, "gpu", be.GPU, "need", be.Need, "free", be.Free, "budget", be.Budget, "reserve", be.Reserve, "cgroup", be.Cgroup}
 }
