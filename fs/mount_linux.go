@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -106,6 +107,10 @@ type mount struct {
 
 	allowUIDs, allowGIDs map[uint32]bool
 	started              time.Time // the root's and .weightfs's times
+	// closing ends blocked reads of .weightfs/versions (EOF) when the
+	// mount is told to go: they would keep it busy forever.
+	closing   chan struct{}
+	closeOnce sync.Once
 	// manifest is (*store.File).CUDAManifest; tests without a GPU stand in.
 	manifest func(*store.File) ([]byte, bool)
 }
@@ -147,7 +152,7 @@ func (m *mount) handles(ctx context.Context, v *store.Version, f *store.File) ([
 func newMount(st *store.Store, opts Options, log *slog.Logger) *mount {
 	m := &mount{store: st, log: log, uid: uint32(os.Getuid()), gid: uint32(os.Getgid()),
 		allowUIDs: map[uint32]bool{}, allowGIDs: map[uint32]bool{}, started: time.Now(),
-		manifest: (*store.File).CUDAManifest}
+		manifest: (*store.File).CUDAManifest, closing: make(chan struct{})}
 	m.allowUIDs[0], m.allowUIDs[m.uid] = true, true
 	for _, id := range opts.AllowUIDs {
 		m.allowUIDs[id] = true
@@ -399,6 +404,7 @@ func (s *Server) Report() Report {
 
 // Unmount unmounts; it fails with EBUSY while files are open.
 func (s *Server) Unmount() error {
+	s.m.closeOnce.Do(func() { close(s.m.closing) })
 	if err := s.fuse.Unmount(); err != nil {
 		return fmt.Errorf("unmount %s: %w", s.mountpoint, err)
 	}

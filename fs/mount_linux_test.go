@@ -83,7 +83,7 @@ func TestMountTree(t *testing.T) {
 		{"m@1/tokenizer", "extra tokenizer.json"},
 		{"m@2/tokenizer/extra", "merges.txt vocab.txt.bin"},
 		{"m", "config.json model.safetensors tokenizer"},
-		{".weightfs", "status.json"},
+		{".weightfs", "status.json versions"},
 	} {
 		if got := names(t, filepath.Join(mnt, tc.dir)); got != tc.want {
 			t.Errorf("%s lists %q, want %q", tc.dir, got, tc.want)

@@ -252,7 +252,8 @@ func TestNodeReaddir(t *testing.T) {
 		{"a@1", "config.json model.safetensors tokenizer"},
 		{"a@2/tokenizer", "extra tokenizer.json"},
 		{"a@2/tokenizer/extra", "merges.txt vocab.txt.bin"},
-		{".weightfs", "status.json"},
+		{".weightfs", "status.json versions"},
+		{".weightfs/versions", "a b"},
 	} {
 		var node gofs.InodeEmbedder = root
 		if tc.path != "" {

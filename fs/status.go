@@ -73,7 +73,7 @@ var (
 func (d *statusDir) fill(a *fuse.Attr) {
 	a.Mode = dirMode
 	a.Ino = statusDirIno
-	a.Nlink = 2
+	a.Nlink = 3
 	a.SetTimes(&d.m.started, &d.m.started, &d.m.started)
 	d.m.owner(a)
 }
@@ -90,6 +90,11 @@ func (d *statusDir) Statfs(ctx context.Context, out *fuse.StatfsOut) syscall.Err
 
 func (d *statusDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut) (*gofs.Inode, syscall.Errno) {
 	d.m.count(opLookup)
+	if name == versionsDirName {
+		v := &versionsDir{m: d.m}
+		v.fill(&out.Attr)
+		return d.NewInode(ctx, v, gofs.StableAttr{Mode: syscall.S_IFDIR, Ino: versionsDirIno}), 0
+	}
 	if name != statusFileName {
 		return nil, syscall.ENOENT
 	}
@@ -101,7 +106,8 @@ func (d *statusDir) Lookup(ctx context.Context, name string, out *fuse.EntryOut)
 
 func (d *statusDir) Readdir(ctx context.Context) (gofs.DirStream, syscall.Errno) {
 	d.m.count(opReaddir)
-	return gofs.NewListDirStream([]fuse.DirEntry{{Name: statusFileName, Ino: statusFileIno, Mode: syscall.S_IFREG}}), 0
+	return gofs.NewListDirStream([]fuse.DirEntry{{Name: statusFileName, Ino: statusFileIno, Mode: syscall.S_IFREG},
+		{Name: versionsDirName, Ino: versionsDirIno, Mode: syscall.S_IFDIR}}), 0
 }
 
 // statusFile is rendered afresh at every open; reads come from that snapshot.

@@ -202,13 +202,17 @@ func (s *Store) Unload(name string, number int) ([]*Version, error) {
 		return nil, errorf(ErrNotFound, "unload %s: no version %d (versions: %s)", name, number, versionList(m.versions))
 	}
 	m.versions = kept
-	moved := false
+	old := m.current
 	if len(kept) == 0 {
 		m.current = nil
 	} else if slices.Contains(gone, m.current) {
-		m.current, moved = kept[len(kept)-1], true
+		m.current = kept[len(kept)-1]
 	}
+	moved := m.current != old
 	m.mu.Unlock()
+	if moved {
+		s.changed(name)
+	}
 	if len(kept) == 0 {
 		delete(s.models, name)
 	}
@@ -291,6 +295,9 @@ func (s *Store) Rollback(name string, to int) (*Version, error) {
 		m.current = target
 	}
 	m.mu.Unlock()
+	if target != nil && target != from {
+		s.changed(name) // under s.mu, as Watch needs
+	}
 	hooks := slices.Clone(s.onCurrent)
 	s.mu.Unlock()
 	switch {

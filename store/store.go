@@ -42,6 +42,10 @@ type Store struct {
 	logEvery   time.Duration    // how often a load in progress is logged
 	// lastNumber outlives a model's unload: version numbers are never reused.
 	lastNumber map[string]int
+	// watchers are closed at the next change of a model's current
+	// version (watch.go); watchMu nests inside mu.
+	watchMu  sync.Mutex
+	watchers map[string]chan struct{}
 
 	// nextIno hands out stable inode numbers: 1 is the mount's root.
 	nextIno atomic.Uint64
@@ -89,7 +93,8 @@ const DefaultLogEvery = 5 * time.Second
 func New(arena *Arena, opts Options) *Store {
 	s := &Store{arena: arena, log: opts.Logger, gpus: opts.GPUs, budgets: opts.Budgets, logEvery: opts.LogEvery,
 		sysmem: opts.SystemMemory, memReserve: opts.MemoryReserve, keep: max(opts.KeepVersions, 0),
-		models: map[string]*Model{}, loads: map[*Load]bool{}, lastNumber: map[string]int{}}
+		models: map[string]*Model{}, loads: map[*Load]bool{}, lastNumber: map[string]int{},
+		watchers: map[string]chan struct{}{}}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -168,6 +173,7 @@ func (s *Store) Close() error {
 		return nil
 	}
 	s.closed = true
+	s.changedAll()
 	var errs []error
 	for _, v := range s.allVersionsLocked() {
 		if err := v.free(); err != nil {
@@ -205,6 +211,7 @@ func (s *Store) commit(name string, v *Version) error {
 	m.versions, gone = retain(m.versions, m.current, s.keep)
 	m.mu.Unlock()
 	s.drainLocked(gone)
+	s.changed(name)
 	onCurrent, onRemove := s.hooksLocked()
 	s.mu.Unlock()
 	for _, h := range onCurrent {

@@ -70,7 +70,7 @@ and mounts them with FUSE as read-only Hugging Face model folders.
 		},
 	})
 	root.AddCommand(a.mountCommand(), a.loadCommand(), a.unloadCommand(), a.rollbackCommand(), a.cancelCommand(),
-		a.listCommand(), a.statusCommand(), a.verifyCommand())
+		a.listCommand(), a.statusCommand(), a.verifyCommand(), a.watchCommand())
 	root.InitDefaultCompletionCmd()
 	completion, _, _ := root.Find([]string{"completion"})
 	for _, c := range []*cobra.Command{root, completion} {
@@ -107,16 +107,6 @@ func nargs(lo, hi int) cobra.PositionalArgs {
 			return usagef("usage: %s", c.UseLine())
 		}
 		return nil
-	}
-}
-
-// completeDirs completes the argument at index i with a folder.
-func completeDirs(i int) cobra.CompletionFunc {
-	return func(_ *cobra.Command, args []string, _ string) ([]string, cobra.ShellCompDirective) {
-		if len(args) == i {
-			return nil, cobra.ShellCompDirectiveFilterDirs
-		}
-		return nil, cobra.ShellCompDirectiveNoFileComp
 	}
 }
 
@@ -159,7 +149,7 @@ func show[T any](a *app, v T, err error, text func(io.Writer, T)) error {
 func (a *app) loadCommand() *cobra.Command {
 	return &cobra.Command{
 		Use: "load NAME PATH", Short: "Load a model folder as the next version of NAME",
-		Args: nargs(2, 2), ValidArgsFunction: completeDirs(1),
+		Args: nargs(2, 2), ValidArgsFunction: cobra.FixedCompletions(nil, cobra.ShellCompDirectiveFilterDirs),
 		RunE: func(c *cobra.Command, args []string) error {
 			if err := store.ValidateModelName(args[0]); err != nil {
 				return usagef("load: %v", err)
@@ -247,4 +237,11 @@ func (a *app) verifyCommand() *cobra.Command {
 		}}
 	c.Flags().IntVar(&number, "version", 0, "verify this version (default: the current one)")
 	return c
+}
+
+func (a *app) watchCommand() *cobra.Command {
+	return &cobra.Command{Use: "watch NAME", Short: "Print a JSON line for the current version of NAME and each new one, until Ctrl-C",
+		Args: nargs(1, 1), ValidArgsFunction: a.completeModels, RunE: func(c *cobra.Command, args []string) error {
+			return a.client().Watch(c.Context(), args[0], a.stdout)
+		}}
 }

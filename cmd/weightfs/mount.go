@@ -39,7 +39,7 @@ func (a *app) mountCommand() *cobra.Command {
 MOUNTPOINT and serve the control socket until SIGINT or SIGTERM, which unmount.
 Sizes: bytes, Ki/Mi/Gi/Ti (or KiB…TiB, K…T: binary), KB…TB (decimal), or a percentage.`,
 		Args:              nargs(1, 1),
-		ValidArgsFunction: completeDirs(0),
+		ValidArgsFunction: cobra.FixedCompletions(nil, cobra.ShellCompDirectiveFilterDirs),
 		RunE:              func(_ *cobra.Command, args []string) error { return a.mount(args[0], &f) },
 	}
 	fl := c.Flags()

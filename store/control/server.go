@@ -90,6 +90,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/rollback", s.serveRollback)
 	mux.HandleFunc("POST /v1/verify", s.serveVerify)
 	mux.HandleFunc("POST /v1/cancel", s.serveCancel)
+	mux.HandleFunc("GET /v1/watch", s.serveWatch)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorOf(store.ErrNotFound, "no such request: %s %s", r.Method, r.URL.Path))
 	})

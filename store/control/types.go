@@ -4,6 +4,8 @@
 // describes the requests, answers and status codes.
 package control
 
+import "time"
+
 // Version describes one version of a model.
 type Version struct {
 	Name          string   `json:"name"`
@@ -148,4 +150,14 @@ type VerifiedFile struct {
 	Problem      string `json:"problem,omitempty"`
 	SHA256       string `json:"sha256"`
 	SourceSHA256 string `json:"source_sha256"`
+}
+
+// WatchEvent is one line of GET /v1/watch (NDJSON): the model's current
+// version when the request starts, then each new one. Version 0 (with Gone)
+// is the last line: the model left the mount or the daemon is stopping.
+type WatchEvent struct {
+	Name    string    `json:"name"`
+	Version int       `json:"version"`
+	Gone    bool      `json:"gone,omitempty"`
+	Time    time.Time `json:"time"`
 }

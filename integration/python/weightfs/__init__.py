@@ -3,7 +3,7 @@ holds them there.
 
 ``weightfs.manifest`` (header parsing, slab layout, the ``user.weightfs.cuda`` record) needs only
 the standard library. ``load_file``, ``state_dict``, ``load_model`` and ``gpu_pointer_ranges``
-import torch when called.
+import torch when called. ``wait_version`` and ``watch`` (stdlib) hear of a model's new versions.
 """
 
 from .manifest import (
@@ -29,6 +29,7 @@ from .manifest import (
     slab_size,
     torch_dtype_name,
 )
+from .versions import ModelGoneError, NotOnMountError, split_model_path, wait_version, watch
 from .torch_loader import gpu_pointer_ranges, load_file, load_model, state_dict, torch_dtype
 
 __version__ = "0.1.0"
@@ -43,6 +44,8 @@ __all__ = [
     "HeaderError",
     "Manifest",
     "ManifestError",
+    "ModelGoneError",
+    "NotOnMountError",
     "Replica",
     "SlabEntry",
     "TensorInfo",
@@ -57,8 +60,11 @@ __all__ = [
     "slab_end",
     "slab_layout",
     "slab_size",
+    "split_model_path",
     "state_dict",
     "torch_dtype",
     "torch_dtype_name",
+    "wait_version",
+    "watch",
     "__version__",
 ]
