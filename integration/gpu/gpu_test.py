@@ -13,7 +13,9 @@ weightfs binary given by --bin, then checks:
   (conformance) before mounting: every file of the conformance corpus
   (store/safetensors/testdata/conformance) gets the verdict cases.json records from the
   reference parser itself (safetensors.safe_open): accepted files open with the expected
-  tensors and metadata, refused ones raise.
+  tensors and metadata, refused ones raise;
+  (pushed) the files store.PlanPush lays out for pushed versions (store/testdata/pushed) open
+  with the reference library, every tensor readable, each index agreeing with its shards.
 Prints one line per check and "N passed, N failed" last; exits non-zero on any failure.
 """
 import argparse
@@ -178,6 +180,45 @@ def check_conformance():
             "as cases.json says")
 
 
+PUSHED = os.path.join(HERE, "..", "..", "store", "testdata", "pushed")
+
+
+def check_pushed():
+    """Files laid out by store.PlanPush for pushed versions (store/testdata/pushed, written by
+    `go test ./store -run TestPushedCorpus -update-pushed`) open with the reference library:
+    every tensor with its dtype and shape, readable, and the index maps each to its shard."""
+    from safetensors import safe_open
+
+    with open(os.path.join(PUSHED, "cases.json"), encoding="utf-8") as f:
+        cases = json.load(f)
+    bad, files = [], 0
+    for case, shards in cases.items():
+        weight_map = {}
+        for name, tensors in shards.items():
+            path = os.path.join(PUSHED, case, name)
+            want = {t["name"]: (t["dtype"], t["shape"]) for t in tensors}
+            try:
+                with safe_open(path, framework="pt") as st:
+                    got = {k: (st.get_slice(k).get_dtype(), list(st.get_slice(k).get_shape())) for k in st.keys()}
+                    for k in st.keys():
+                        st.get_tensor(k)
+            except Exception as e:  # noqa: BLE001 - any refusal counts
+                bad.append(f"{case}/{name}: refused ({type(e).__name__}: {e})")
+                continue
+            if got != want:
+                bad.append(f"{case}/{name}: tensors {got}, want {want}")
+            weight_map.update({t["name"]: name for t in tensors})
+            files += 1
+        index = os.path.join(PUSHED, case, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index, encoding="utf-8") as f:
+                if json.load(f)["weight_map"] != weight_map:
+                    bad.append(f"{case}: the index's weight_map disagrees with the shards")
+    if bad:
+        raise AssertionError("\n  ".join(bad))
+    return f"{files} files of {len(cases)} layouts open with every tensor; indexes agree"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True, help="the weightfs binary")
@@ -200,6 +241,7 @@ def main():
     log(f"weightfs gpu-test {datetime.datetime.now().isoformat(timespec='seconds')} "
         f"torch {torch.__version__} {torch.cuda.get_device_name(0)}")
     check("(conformance) the corpus verdicts are the reference parser's", check_conformance)
+    check("(pushed) layouts planned for pushed versions open with the reference library", check_pushed)
     work = tempfile.mkdtemp(prefix="weightfs-gpu-test-")
     os.chmod(work, 0o755)  # (e) runs as uid 65534: the refusal must come from weightfs, not from here
     src, odd, mnt = (os.path.join(work, d) for d in ("src", "odd", "mnt"))
