@@ -10,6 +10,9 @@ weightfs binary given by --bin, then checks:
   (e) a uid that is not allowed gets EACCES (xattr and ioctl);
   (f) a file whose tensors are not naturally aligned in the source loads correctly;
   (g) weightfs status; (h) unload while mapped;
+  (i) update_model switches an engine in place to a second version loaded through the daemon:
+  copy=True keeps every data_ptr, copy=False rebinds into the new slabs, a model that does not
+  match raises before anything changes;
   (conformance) before mounting: every file of the conformance corpus
   (store/safetensors/testdata/conformance) gets the verdict cases.json records from the
   reference parser itself (safetensors.safe_open): accepted files open with the expected
@@ -45,10 +48,10 @@ def log(msg):
     print(msg, flush=True)
 
 
-def make_model(src):
+def make_model(src, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=3,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
@@ -244,13 +247,14 @@ def main():
     check("(pushed) layouts planned for pushed versions open with the reference library", check_pushed)
     work = tempfile.mkdtemp(prefix="weightfs-gpu-test-")
     os.chmod(work, 0o755)  # (e) runs as uid 65534: the refusal must come from weightfs, not from here
-    src, odd, mnt = (os.path.join(work, d) for d in ("src", "odd", "mnt"))
+    src, src2, odd, mnt = (os.path.join(work, d) for d in ("src", "src2", "odd", "mnt"))
     os.makedirs(mnt)
     cfg = make_model(src)
+    make_model(src2, seed=1)  # (i): same config, other weights
     odd_want = write_odd(odd)
     # The mount carries each source's owner and read bits over (docs/ARCHITECTURE.md): whatever
     # the umask here, let every user read the sources, so that (e) tests weightfs's handle check.
-    for top in (src, odd):
+    for top in (src, src2, odd):
         for dirpath, _, files in os.walk(top):
             os.chmod(dirpath, 0o755)
             for f in files:
@@ -403,6 +407,102 @@ def main():
                 raise AssertionError(f"still draining or GPU bytes not freed: {before} -> {after}")
             return f"{load['name']} drained while pid {kid.pid} held its handles; GPU slabs {before} -> {after} B"
         check("(h) unload while another process maps the handles: draining, then freed", h)
+
+        def i():
+            import copy as copymod
+
+            def engine(path, copy):
+                with torch.device("meta"):
+                    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+                return weightfs.load_model(m, path, copy=copy).eval()
+
+            def ptrs(m):
+                return {n: t.data_ptr() for n, t in list(m.named_parameters()) + list(m.named_buffers())}
+
+            upd = os.path.join(mnt, "upd")
+            first = wfs("load", "upd", src)["version"]["number"]
+            for s in shards:
+                wait_resident(os.path.join(mnt, f"upd@{first}", s))
+            e1 = engine(upd, copy=True)  # private copies of version 1
+            e2 = engine(os.path.join(mnt, f"upd@{first}"), copy=False)  # views of version 1's slabs
+            if not torch.equal(logits(e1, ids), ref):
+                raise AssertionError("engine at version 1: logits differ from the source's")
+            second = wfs("load", "upd", src2)["version"]["number"]
+            if (first, second) != (1, 2):
+                raise AssertionError(f"versions {first}, {second}: want 1, 2")
+            shards2 = sorted(f for f in os.listdir(src2) if f.endswith(".safetensors"))
+            for s in shards2:
+                wait_resident(os.path.join(mnt, "upd@2", s))
+            m2 = AutoModelForCausalLM.from_pretrained(src2, dtype=torch.bfloat16).cuda().eval()
+            ref2 = logits(m2, ids)
+            del m2
+            if torch.equal(ref2, ref):
+                raise AssertionError("the second model's logits equal the first's")
+
+            # copy=True: in place, same storage
+            before = ptrs(e1)
+            t0 = time.time()
+            n = weightfs.update_model(e1, upd)
+            took = time.time() - t0
+            if n != 2:
+                raise AssertionError(f"update_model returned {n}, want 2")
+            got = logits(e1, ids)
+            if not torch.equal(got, ref2):
+                raise AssertionError(f"copy=True: max diff {(got - ref2).abs().max()}")
+            moved = [k for k, v in ptrs(e1).items() if before.get(k) != v]
+            if moved or ptrs(e1).keys() != before.keys():
+                raise AssertionError(f"copy=True moved {len(moved)} tensors, e.g. {moved[:3]}")
+
+            # copy=True into views of a weightfs slab is refused: it would write version 1
+            v1 = {k: p.detach().clone() for k, p in e2.named_parameters()}
+            try:
+                weightfs.update_model(e2, upd)
+                raise AssertionError("copy=True into slab views was not refused")
+            except weightfs.ModelMismatchError as err:
+                if "zero-copy views" not in str(err):
+                    raise
+            if not all(torch.equal(p, v1[k]) for k, p in e2.named_parameters()):
+                raise AssertionError("the refused update changed version 1's slab")
+            del v1
+
+            # copy=False: rebound to zero-copy views of version 2
+            if weightfs.update_model(e2, upd, copy=False) != 2:
+                raise AssertionError("copy=False did not return 2")
+            got = logits(e2, ids)
+            if not torch.equal(got, ref2):
+                raise AssertionError(f"copy=False: max diff {(got - ref2).abs().max()}")
+            ranges = []
+            for s in shards2:
+                ranges += weightfs.gpu_pointer_ranges(os.path.join(mnt, "upd@2", s))
+            outside = [k for k, p in e2.named_parameters()
+                       if p.numel() and not any(base <= p.data_ptr() and p.data_ptr() + p.numel() * p.element_size() <= base + size
+                                                for _, base, size in ranges)]
+            if outside or not ranges:
+                raise AssertionError(f"copy=False: {len(outside)} parameters outside version 2's slabs, e.g. {outside[:3]}")
+
+            # models that do not match: refused before anything changes
+            refused = []
+            narrow = copymod.deepcopy(cfg)
+            narrow.intermediate_size = 512
+            for what, m, want in (("intermediate_size 512", AutoModelForCausalLM.from_config(narrow, dtype=torch.bfloat16), "mlp"),
+                                  ("float32", AutoModelForCausalLM.from_config(cfg, dtype=torch.float32), "torch.float32")):
+                m = m.cuda().eval()
+                snap = {k: (t.data_ptr(), t.detach().clone()) for k, t in m.state_dict(keep_vars=True).items()}
+                try:
+                    weightfs.update_model(m, upd)
+                    raise AssertionError(f"{what}: update_model did not raise")
+                except weightfs.ModelMismatchError as err:
+                    if want not in str(err) or "nothing was changed" not in str(err):
+                        raise AssertionError(f"{what}: {err}")
+                now = m.state_dict(keep_vars=True)
+                changed = [k for k, (ptr, val) in snap.items() if now[k].data_ptr() != ptr or not torch.equal(now[k], val)]
+                if changed:
+                    raise AssertionError(f"{what}: refused but changed {changed[:3]}")
+                refused.append(what)
+            return (f"copy=True {took * 1000:.0f} ms: version 2, logits equal, {len(before)} data_ptrs unchanged; "
+                    f"copy=False: logits equal, {sum(1 for _ in e2.parameters())} parameters in {len(ranges)} slabs; "
+                    f"copy=True into slab views refused; refused untouched: {', '.join(refused)}")
+        check("(i) update_model switches an engine in place", i)
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         try:

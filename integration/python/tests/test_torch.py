@@ -169,6 +169,52 @@ class TorchReadTests(unittest.TestCase):
             weightfs.load_model(model, folder, strict=False)
         self.assertTrue(model.extra.weight.is_meta)
 
+    def test_update_model(self):
+        folder = self._folder()
+        os.makedirs(os.path.join(self.tmp.name, ".weightfs", "versions"))  # a fake mount
+        model = _Tiny()
+        ptrs = {n: t.data_ptr() for n, t in model.state_dict(keep_vars=True).items()}
+        self.assertEqual(weightfs.update_model(model, folder), 1)
+        self.assertEqual(model.embed.weight[1].tolist(), [3.0, 4.0, 5.0])
+        self.assertEqual(model.proj.bias.tolist(), [0.5, 0.5, 0.5])
+        self.assertIs(model.lm_head.weight, model.embed.weight)
+        self.assertTrue(model.proj.weight.requires_grad)
+        self.assertEqual({n: t.data_ptr() for n, t in model.state_dict(keep_vars=True).items()}, ptrs)
+
+        other = _Tiny(extra=True)
+        before = {n: t.detach().clone() for n, t in other.state_dict().items()}
+        with self.assertRaisesRegex(weightfs.ModelMismatchError, "missing keys: extra.weight"):
+            weightfs.update_model(other, folder)
+        for n, t in other.state_dict().items():
+            self.assertTrue(torch.equal(t, before[n]), n)
+        self.assertEqual(weightfs.update_model(other, folder, strict=False), 1)
+        self.assertEqual(other.proj.bias.tolist(), [0.5, 0.5, 0.5])
+
+        wide = _Tiny().double()
+        with self.assertRaisesRegex(weightfs.ModelMismatchError, "dtype or shape differs: embed"):
+            weightfs.update_model(wide, folder)
+
+        with torch.device("meta"):
+            meta = _Tiny()
+        with self.assertRaisesRegex(weightfs.ModelMismatchError, "meta device"):
+            weightfs.update_model(meta, folder)
+
+    def test_update_model_rebind(self):
+        folder = self._folder()
+        os.makedirs(os.path.join(self.tmp.name, ".weightfs", "versions"))
+        model = _Tiny()
+        param = model.proj.weight
+        self.assertEqual(weightfs.update_model(model, folder + "@1", copy=False), 1)
+        self.assertIs(model.proj.weight, param)  # same Parameter, new storage
+        self.assertEqual(param.tolist(), [[1.0] * 3] * 3)
+        self.assertIs(model.lm_head.weight, model.embed.weight)
+        self.assertEqual(model.lm_head.weight[1].tolist(), [3.0, 4.0, 5.0])
+
+    def test_update_model_not_a_mount(self):
+        folder = self._folder()  # no .weightfs/versions beside it
+        with self.assertRaises(weightfs.NotOnMountError):
+            weightfs.update_model(_Tiny(), folder)
+
 
 if HAVE_TORCH:
     class _Tiny(torch.nn.Module):

@@ -3,7 +3,9 @@ holds them there.
 
 ``weightfs.manifest`` (header parsing, slab layout, the ``user.weightfs.cuda`` record) needs only
 the standard library. ``load_file``, ``state_dict``, ``load_model`` and ``gpu_pointer_ranges``
-import torch when called. ``wait_version`` and ``watch`` (stdlib) hear of a model's new versions.
+import torch when called. ``wait_version`` and ``watch`` (stdlib) hear of a model's new versions;
+``update_model`` (torch) switches a loaded model to one in place, ``resolve_version`` (stdlib)
+tells which version folder a path names.
 """
 
 from .manifest import (
@@ -29,8 +31,24 @@ from .manifest import (
     slab_size,
     torch_dtype_name,
 )
-from .versions import ModelGoneError, NotOnMountError, split_model_path, wait_version, watch
-from .torch_loader import gpu_pointer_ranges, load_file, load_model, state_dict, torch_dtype
+from .update import ModelMismatchError
+from .versions import (
+    ModelGoneError,
+    ModelVersion,
+    NotOnMountError,
+    resolve_version,
+    split_model_path,
+    wait_version,
+    watch,
+)
+from .torch_loader import (
+    gpu_pointer_ranges,
+    load_file,
+    load_model,
+    state_dict,
+    torch_dtype,
+    update_model,
+)
 
 __version__ = "0.1.0"
 
@@ -45,6 +63,8 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ModelGoneError",
+    "ModelMismatchError",
+    "ModelVersion",
     "NotOnMountError",
     "Replica",
     "SlabEntry",
@@ -57,6 +77,7 @@ __all__ = [
     "parse_header",
     "read_cuda_manifest",
     "read_header",
+    "resolve_version",
     "slab_end",
     "slab_layout",
     "slab_size",
@@ -64,6 +85,7 @@ __all__ = [
     "state_dict",
     "torch_dtype",
     "torch_dtype_name",
+    "update_model",
     "wait_version",
     "watch",
     "__version__",

@@ -23,8 +23,11 @@ from .manifest import (
     read_header,
     torch_dtype_name,
 )
+from .update import ModelMismatchError, plan_update
+from .versions import resolve_version
 
-__all__ = ["load_file", "state_dict", "load_model", "gpu_pointer_ranges", "torch_dtype"]
+__all__ = ["load_file", "state_dict", "load_model", "update_model", "gpu_pointer_ranges",
+           "torch_dtype"]
 
 log = logging.getLogger("weightfs")
 
@@ -394,6 +397,91 @@ def load_model(model, folder, device: Any = None, copy: bool = False, strict: bo
         warnings.warn(f"{folder}: tensors still on the meta device after loading: {_short(left)}",
                       RuntimeWarning, stacklevel=2)
     return model
+
+
+def update_model(model, folder, copy: bool = True, strict: bool = True, *,
+                 prefer: str = "auto") -> int:
+    """Switch a built, loaded ``model`` to the weights of a weightfs version; returns its number.
+
+    ``folder`` is ``MOUNT/NAME`` (the symlink, read once: one version even if a commit lands
+    meanwhile) or ``MOUNT/NAME@N``. Every tensor of that version folder is opened zero-copy (read
+    from the mount where no replica is visible), then every name, dtype and shape is checked
+    against ``model.state_dict(keep_vars=True)`` (tied weights count once) before anything is
+    touched: ``ModelMismatchError`` (a RuntimeError) names the mismatches.
+
+    ``copy=True``: device-to-device copies into the existing parameters and persistent buffers,
+    so every ``data_ptr()`` stays the same and captured CUDA graphs stay valid; returns after
+    ``torch.cuda.synchronize`` on the devices involved. Refused (before touching anything) when a
+    target tensor is itself a view of a weightfs slab (a model loaded with ``copy=False``): the
+    copy would write into the daemon's old version, which other processes read.
+    ``copy=False``: each parameter's ``.data`` (and each buffer, in its module) is rebound to the
+    zero-copy view of the new version's slab on the model's GPU; the views keep their slabs
+    mapped, and the old version's are released with its last tensor.
+    ``strict=False`` skips names missing on either side; dtype and shape must still match.
+    Non-persistent buffers (rotary ``inv_freq``) are not in checkpoints and are left alone.
+    """
+    torch = _torch()
+    ver = resolve_version(folder)
+    where = ver.folder
+    targets = model.state_dict(keep_vars=True)
+    meta = [n for n, t in targets.items() if t.is_meta]
+    if meta:
+        raise ModelMismatchError(f"{where}: tensors on the meta device ({_short(meta)}): "
+                                 "update_model switches a loaded model; use load_model first")
+    if copy:
+        ranges = [(b, b + size) for _, b, size in gpu_pointer_ranges()]
+        shared = [n for n, t in targets.items()
+                  if t.is_cuda and t.numel() and any(lo <= t.data_ptr() < hi for lo, hi in ranges)]
+        if shared:
+            raise ModelMismatchError(
+                f"{where}: {len(shared)} tensors of the model are zero-copy views of a weightfs "
+                f"slab ({_short(shared)}); copying into them would change the daemon's version "
+                "for every reader. Use copy=False, or load the model with copy=True first")
+    devices = {t.device for t in targets.values() if not t.is_meta}
+    one = next(iter(devices)) if len(devices) == 1 else None
+    if one is not None and one.type == "cuda":
+        with torch.cuda.device(one):  # load_file prefers the current device's replica
+            state = state_dict(where, None if copy else one, copy=False, prefer=prefer)
+    else:
+        state = state_dict(where, None if copy else one, copy=False, prefer=prefer)
+
+    def tie(t):
+        if t.is_meta or not t.numel():
+            return ("id", id(t))
+        return (str(t.device), t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+
+    names = plan_update({n: (t.dtype, tuple(t.shape), tie(t)) for n, t in targets.items()},
+                        {n: (t.dtype, tuple(t.shape)) for n, t in state.items()},
+                        strict=strict, where=where)
+    cuda = set()
+    with torch.no_grad():
+        if copy:
+            for n in names:
+                dst, src = targets[n], state[n]
+                dst.detach().copy_(src, non_blocking=True)
+                cuda.update(d.index for d in (dst.device, src.device) if d.type == "cuda")
+        else:
+            params = {id(p) for p in model.parameters()}
+            rebound: dict[int, Any] = {}  # id(old buffer) -> new tensor
+            for n in names:
+                dst, src = targets[n], state[n]
+                if src.device != dst.device:
+                    src = src.to(dst.device)  # no replica on the model's device: a private copy
+                    cuda.update(d.index for d in (dst.device, state[n].device) if d.type == "cuda")
+                if id(dst) in params:
+                    dst.data = src
+                else:
+                    rebound[id(dst)] = src
+            if rebound:
+                for mod in model.modules():
+                    for k, b in list(mod._buffers.items()):
+                        if b is not None and id(b) in rebound:
+                            mod._buffers[k] = rebound[id(b)]
+    for i in sorted(cuda):  # the copies are done before `state` (the slab views) may go
+        torch.cuda.synchronize(i)
+    log.info("%s: %s %d tensors of version %d", model.__class__.__name__,
+             "copied" if copy else "rebound", len(names), ver.number)
+    return ver.number
 
 
 def _short(keys: Iterable[str], n: int = 10) -> str:

@@ -16,7 +16,7 @@ import os
 import re
 import struct
 import time
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 VERSIONS_DIR = ".weightfs/versions"
 # _IOW('W', 2, uint32): milliseconds a blocked read of this open file waits (0: no limit).
@@ -44,6 +44,50 @@ def split_model_path(path: str) -> Tuple[str, str]:
     if not name or name.startswith(".") or root == p:
         raise NotOnMountError(f"{path!r} names no model: want MOUNT/NAME, e.g. /mnt/weightfs/policy")
     return root, name
+
+
+class ModelVersion(NamedTuple):
+    """One version of a model on a weightfs mount: ``folder`` is ``MOUNT/NAME@NUMBER``."""
+
+    name: str
+    number: int
+    folder: str
+
+
+def resolve_version(path: str) -> ModelVersion:
+    """The version folder that ``path`` names, resolved once.
+
+    ``path`` is a model on a weightfs mount: ``MOUNT/NAME`` (the symlink to the current version,
+    read once with ``readlink``, so a commit landing afterwards does not change the answer) or a
+    version folder ``MOUNT/NAME@N``. The version folder stays readable, with the same bytes, for
+    as long as the version is kept, whatever happens to the symlink. Raises ``ModelGoneError``
+    when the model (or that version) is not there, ``NotOnMountError`` for a path that is no
+    model on a weightfs mount (no ``.weightfs/versions`` beside it, or a symlink to anything but
+    ``NAME@N`` in the same folder).
+    """
+    root, name = split_model_path(path)
+    p = os.path.normpath(os.path.abspath(os.fspath(path)))
+    base = os.path.basename(p)
+    if not os.path.isdir(os.path.join(root, VERSIONS_DIR)):
+        raise NotOnMountError(f"{root} is not a weightfs mount (it has no {VERSIONS_DIR})")
+    m = _VERSIONED.match(base)
+    if m is None:
+        try:
+            target = os.readlink(p)
+        except FileNotFoundError:
+            raise ModelGoneError(f"no model {name!r} on the weightfs mount {root}") from None
+        except OSError as e:  # EINVAL: a folder or file, not the NAME symlink
+            raise NotOnMountError(f"{path!r} is not the symlink of a weightfs model "
+                                  f"({e.strerror})") from None
+        m = _VERSIONED.match(target)
+        if "/" in target or m is None or m.group(1) != name:
+            raise NotOnMountError(f"{path!r} points to {target!r}, not to {name}@N as a weightfs "
+                                  "model does")
+        base = target
+    folder = os.path.join(root, base)
+    if not os.path.isdir(folder):
+        raise ModelGoneError(f"{name}: version {base} is not on the weightfs mount {root}")
+    return ModelVersion(name, int(m.group(2)), folder)
 
 
 def _open(path: str) -> Tuple[int, str]:
