@@ -162,14 +162,7 @@ func (gpu *GPU) upload(image []byte, runs []copyRun, size int64) (*replica, erro
 	if err != nil {
 		return nil, err
 	}
-	for _, r := range runs {
-		if err := slab.Upload(uint64(r.dst), image[r.src:r.src+r.n], gpu.streams, 0); err != nil {
-			cuda.SynchronizeAll(gpu.streams)
-			slab.Free()
-			return nil, err
-		}
-	}
-	if err := cuda.SynchronizeAll(gpu.streams); err != nil {
+	if err := gpu.copyRunsLocked(slab, image, runs); err != nil {
 		slab.Free()
 		return nil, err
 	}
@@ -179,6 +172,18 @@ func (gpu *GPU) upload(image []byte, runs []copyRun, size int64) (*replica, erro
 		return nil, err
 	}
 	return &replica{gpu: gpu, slab: slab, handle: h, size: size}, nil
+}
+
+// copyRunsLocked copies runs of image to slab over the device's streams and
+// waits for them; gpu.mu is held.
+func (gpu *GPU) copyRunsLocked(slab *cuda.Slab, image []byte, runs []copyRun) error {
+	for _, r := range runs {
+		if err := slab.Upload(uint64(r.dst), image[r.src:r.src+r.n], gpu.streams, 0); err != nil {
+			cuda.SynchronizeAll(gpu.streams)
+			return err
+		}
+	}
+	return cuda.SynchronizeAll(gpu.streams)
 }
 
 // freeGPU frees the file's slabs and unpins its host image.

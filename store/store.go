@@ -34,12 +34,13 @@ type Store struct {
 	// sysmem and memReserve admit loads against the machine and the cgroup.
 	sysmem     func() (SystemMemory, error)
 	memReserve MemoryReserve
-	draining   []*Version       // unloaded, still in use
-	onRemove   []func(*Version) // told of every version leaving the mount
-	onCurrent  []func(*Model)   // told of every change of a model's current version
-	keep       int              // versions kept per model (0: all); see retain
-	loads      map[*Load]bool   // loads in progress
-	logEvery   time.Duration    // how often a load in progress is logged
+	draining   []*Version         // unloaded, still in use
+	onRemove   []func(*Version)   // told of every version leaving the mount
+	onCurrent  []func(*Model)     // told of every change of a model's current version
+	keep       int                // versions kept per model (0: all); see retain
+	loads      map[*Load]bool     // loads in progress
+	staged     map[string]*Staged // pushes in progress, by model name (stage.go)
+	logEvery   time.Duration      // how often a load in progress is logged
 	// lastNumber outlives a model's unload: version numbers are never reused.
 	lastNumber map[string]int
 	// watchers are closed at the next change of a model's current
@@ -93,7 +94,7 @@ const DefaultLogEvery = 5 * time.Second
 func New(arena *Arena, opts Options) *Store {
 	s := &Store{arena: arena, log: opts.Logger, gpus: opts.GPUs, budgets: opts.Budgets, logEvery: opts.LogEvery,
 		sysmem: opts.SystemMemory, memReserve: opts.MemoryReserve, keep: max(opts.KeepVersions, 0),
-		models: map[string]*Model{}, loads: map[*Load]bool{}, lastNumber: map[string]int{},
+		models: map[string]*Model{}, loads: map[*Load]bool{}, staged: map[string]*Staged{}, lastNumber: map[string]int{},
 		watchers: map[string]chan struct{}{}}
 	if s.log == nil {
 		s.log = slog.Default()
@@ -168,11 +169,20 @@ func (s *Store) Stats() Stats {
 // afterwards.
 func (s *Store) Close() error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.closed {
+		s.mu.Unlock()
 		return nil
 	}
 	s.closed = true
+	staged := s.staged
+	s.staged = map[string]*Staged{}
+	s.mu.Unlock()
+	// Staged pushes are aborted first: freeing them takes s.mu.
+	for _, st := range staged {
+		st.Abort("the store closes")
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	s.changedAll()
 	var errs []error
 	for _, v := range s.allVersionsLocked() {
