@@ -621,6 +621,20 @@ func waitLoads(st *store.Store) {
 	}
 }
 
+// waitLoadsDone waits until the server has finished n loads, counted in its
+// metrics: a load leaves the store's list before it commits and is counted,
+// so an empty list does not mean it has ended (the test's timeout catches a
+// hang).
+func waitLoadsDone(h *harness, n float64) {
+	for {
+		ok, failed, cancelled := loadResults(h)
+		if ok+failed+cancelled >= n {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
 func loadResults(h *harness) (ok, failed, cancelled float64) {
 	l := h.srv.metrics.loads
 	return testutil.ToFloat64(l.WithLabelValues("ok")), testutil.ToFloat64(l.WithLabelValues("error")),
@@ -640,7 +654,7 @@ func TestLoadOutlivesClient(t *testing.T) {
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("load whose client gave up: %v, want context.Canceled", err)
 	}
-	waitLoads(h.st)
+	waitLoadsDone(h, 1)
 	m := h.st.Model("m")
 	if m == nil || m.Current() == nil || m.Current().Bytes() != size {
 		t.Fatalf("the load did not commit once its client went away:\n%s", logs)
@@ -707,7 +721,7 @@ func TestShutdownCancelsLoads(t *testing.T) {
 	if _, err := h.c.Load(context.Background(), "m", dir, nil); !errors.Is(err, context.Canceled) {
 		t.Errorf("load during shutdown: %v, want cancelled", err)
 	}
-	waitLoads(h.st)
+	waitLoadsDone(h, 1)
 	if h.st.Model("m") != nil {
 		t.Error("a load cancelled by shutdown committed")
 	}
