@@ -45,9 +45,15 @@ type copyRun struct{ src, dst, n int64 }
 // source is contiguous and no padding was inserted, tensors share a copy.
 func slabCopies(h *safetensors.Header) []copyRun {
 	offsets, _ := SlabLayout(h)
+	return slabCopiesExcept(h, offsets, func(string) bool { return false })
+}
+
+// slabCopiesExcept is slabCopies at the given slab offsets over the tensors
+// skip does not name (a push's tensors already written on that GPU).
+func slabCopiesExcept(h *safetensors.Header, offsets []int64, skip func(name string) bool) []copyRun {
 	var runs []copyRun
 	for i, t := range h.Tensors {
-		if t.Size() == 0 {
+		if t.Size() == 0 || skip(t.Name) {
 			continue
 		}
 		r := copyRun{src: h.DataOffset() + t.Begin, dst: offsets[i], n: t.Size()}

@@ -615,31 +615,40 @@ func (s *Store) buildVersion(root string, files []*sourceFile) *Version {
 		folder = files[0].folder
 	}
 	v := &Version{source: root, root: &Dir{ino: s.newIno(), attrs: folder.dirAttrsOf(".")}}
-	dirs := map[string]*Dir{".": v.root}
+	for _, sf := range files {
+		f := sf.file
+		f.header = sf.header // re-read from the host image by checkUnchanged
+		v.files = append(v.files, f)
+		v.bytes += f.Size()
+	}
+	s.fileTree(v.root, v.files, folder.dirAttrsOf)
+	return v
+}
+
+// fileTree files each of files (in path order) under root with a fresh inode
+// number, making the directories on its path (attributes from dirAttrs of
+// their '/'-separated path).
+func (s *Store) fileTree(root *Dir, files []*File, dirAttrs func(rel string) attrs) {
+	dirs := map[string]*Dir{".": root}
 	var dirFor func(rel string) *Dir
 	dirFor = func(rel string) *Dir {
 		if d := dirs[rel]; d != nil {
 			return d
 		}
 		parent := dirFor(path.Dir(rel))
-		d := &Dir{name: path.Base(rel), ino: s.newIno(), attrs: folder.dirAttrsOf(rel)}
+		d := &Dir{name: path.Base(rel), ino: s.newIno(), attrs: dirAttrs(rel)}
 		parent.dirs = append(parent.dirs, d)
 		dirs[rel] = d
 		return d
 	}
-	for _, sf := range files {
-		f := sf.file
+	for _, f := range files {
 		f.ino = s.newIno()
-		f.header = sf.header // re-read from the host image by checkUnchanged
-		d := dirFor(path.Dir(sf.rel))
+		d := dirFor(path.Dir(f.path))
 		d.files = append(d.files, f)
-		v.files = append(v.files, f)
-		v.bytes += f.Size()
 	}
 	for _, d := range dirs {
 		sort.Slice(d.dirs, func(i, j int) bool { return d.dirs[i].name < d.dirs[j].name })
 	}
-	return v
 }
 
 // Lookup finds a direct child of d by name: a subdirectory or a file (both

@@ -258,31 +258,12 @@ func (st *Staged) stage(manifest []PushTensor, given map[string][]byte, layout P
 
 // buildTree sorts v's files by path and makes their directories.
 func (st *Staged) buildTree(v *Version, rootAttrs attrs) {
-	s := st.s
 	slices.SortFunc(v.files, func(a, b *File) int { return strings.Compare(a.path, b.path) })
-	v.root = &Dir{ino: s.newIno(), attrs: rootAttrs}
-	dirs := map[string]*Dir{".": v.root}
-	var dirFor func(rel string) *Dir
-	dirFor = func(rel string) *Dir {
-		if d := dirs[rel]; d != nil {
-			return d
-		}
-		parent := dirFor(path.Dir(rel))
-		d := &Dir{name: path.Base(rel), ino: s.newIno(), attrs: rootAttrs}
-		parent.dirs = append(parent.dirs, d)
-		dirs[rel] = d
-		return d
-	}
+	v.root = &Dir{ino: st.s.newIno(), attrs: rootAttrs}
 	for _, f := range v.files {
-		f.ino = s.newIno()
-		d := dirFor(path.Dir(f.path))
-		d.files = append(d.files, f)
 		v.bytes += f.Size()
 	}
-	for _, d := range dirs {
-		slices.SortFunc(d.dirs, func(a, b *Dir) int { return strings.Compare(a.name, b.name) })
-		slices.SortFunc(d.files, func(a, b *File) int { return strings.Compare(a.name, b.name) })
-	}
+	st.s.fileTree(v.root, v.files, func(string) attrs { return rootAttrs })
 }
 
 // Name is the model the push is for.
@@ -621,23 +602,6 @@ func (st *Staged) syncGPUs(ctx context.Context, written map[string]string) error
 		}
 	}
 	return nil
-}
-
-// slabCopiesExcept is slabCopies over the tensors skip does not name.
-func slabCopiesExcept(h *safetensors.Header, offsets []int64, skip func(name string) bool) []copyRun {
-	var runs []copyRun
-	for i, t := range h.Tensors {
-		if t.Size() == 0 || skip(t.Name) {
-			continue
-		}
-		r := copyRun{src: h.DataOffset() + t.Begin, dst: offsets[i], n: t.Size()}
-		if k := len(runs) - 1; k >= 0 && runs[k].src+runs[k].n == r.src && runs[k].dst+runs[k].n == r.dst {
-			runs[k].n += r.n
-			continue
-		}
-		runs = append(runs, r)
-	}
-	return runs
 }
 
 // Abort ends the push without a version: its host images, slabs, pins and
