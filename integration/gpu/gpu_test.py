@@ -295,9 +295,12 @@ class RoleProc:
         except AssertionError:
             if self.p.poll() is None:
                 raise
-        if self.p.returncode != 0 or last is None:
-            raise AssertionError(f"{self.role} exited {self.p.returncode}; stderr:\n{self.stderr()}")
-        return last
+        try:
+            if self.p.returncode != 0 or last is None:
+                raise AssertionError(f"{self.role} exited {self.p.returncode}; stderr:\n{self.stderr()}")
+            return last
+        finally:
+            self.close()
 
     def close(self):
         if self.p.poll() is None:
@@ -307,7 +310,9 @@ class RoleProc:
             except Exception:  # noqa: BLE001 - not an engine, or stuck: kill it
                 self.p.kill()
                 self.p.wait()
-        self.errf.close()
+        for f in (self.p.stdin, self.p.stdout, self.errf):
+            if f and not f.closed:
+                f.close()
 
 
 def engine_proc(sock, src, timeout=180):
@@ -738,17 +743,19 @@ def main():
                                          f"{gpu_before} + {gpu_reserved_before} -> {gpu_during}")
                 # one push per name: a second writer is refused, naming the first one's pid
                 busy = RoleProc("plain-push", sock, "--name", "policy")
-                busy.p.wait(timeout=120)
-                if busy.p.returncode == 0 or str(w.p.pid) not in busy.stderr():
-                    raise AssertionError(f"a second push of policy: exit {busy.p.returncode}, {busy.stderr(600)!r}")
-                busy.close()
+                try:
+                    busy.p.wait(timeout=120)
+                    if busy.p.returncode == 0 or str(w.p.pid) not in busy.stderr():
+                        raise AssertionError(f"a second push of policy: exit {busy.p.returncode}, {busy.stderr(600)!r}")
+                finally:
+                    busy.close()
                 os.kill(w.p.pid, signal.SIGKILL)
                 w.p.wait(timeout=30)
             finally:
                 if w.p.poll() is None:
                     w.p.kill()
                     w.p.wait()
-                w.errf.close()
+                w.close()
             wait_until("the staged push gone from ls", lambda: not ls_pushes(), timeout=15)
 
             def freed():
