@@ -6,18 +6,39 @@ clock starts): safetensors load_file(device="cuda") from local disk (cold and wa
 cache) and from /dev/shm; the same from the weightfs mount; the zero-copy loader, with and
 without copy=True; and the daemon's own cold load next to a raw `cat` of the same files.
 Needs root (drop_caches, mounting). Prints a table with ratios last.
+
+The push section (issue 9; `--only push` runs it alone): a trainer process holds the same
+Qwen3-8B-shaped state on cuda:0, an engine process on the same GPU holds its own copy, and in
+each run (`--runs`, default 3) four ways of getting the trainer's new bytes into the engine are
+timed one after the other, each after the trainer has changed every element (outside the clock),
+each followed by a per-tensor checksum comparison of the engine's tensors with the trainer's:
+  naive               trainer safetensors save_file to /dev/shm, engine load_file(device="cuda")
+                      and copies into its tensors;
+  torch IPC           trainer torch.multiprocessing.reductions.reduce_tensor for every tensor, the
+                      rebuild tuples sent over a pipe, engine rebuilds and copy_s into its tensors;
+  weightfs in place   trainer weightfs.Push (or weightfs.push with --push-api push) of the state,
+                      engine blocked in wait_version, then update_model(copy=True);
+  weightfs rebinding  the same with update_model(copy=False).
+Trainer and engine are fresh processes per run (multiprocessing, spawn): a process that was
+handed a version's GPU handles holds it until it exits, so this keeps the daemon's memory at
+three versions. Times are time.perf_counter() (CLOCK_MONOTONIC, one clock for all processes),
+each taken after torch.cuda.synchronize(). --out DIR writes gpu-bench.json there.
 """
 import argparse
 import datetime
 import json
+import multiprocessing as mp
 import os
 import re
+import statistics
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYPKG = os.path.join(HERE, "..", "python")
@@ -134,15 +155,15 @@ def timed(mode, folder, runs=3):
     return results[len(results) // 2]
 
 
-def start_daemon(binary, mnt, src, gpu):
-    args = [binary, "mount", mnt, "--model", f"qwen={src}"] + (["--gpu", "0"] if gpu else [])
+def start_daemon(binary, mnt, src, gpu, name="qwen", extra=()):
+    args = [binary, "mount", mnt, "--model", f"{name}={src}"] + (["--gpu", "0"] if gpu else []) + list(extra)
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     t0 = time.perf_counter()
     for line in p.stdout:
         lines.append(line.rstrip())
         m = re.search(r"in ([0-9.]+)s", line)
-        if "qwen →" in line and m:
+        if f"{name} →" in line and m:
             return p, float(m.group(1)), time.perf_counter() - t0, lines
         if "load failed" in line:
             break
@@ -158,10 +179,357 @@ def stop_daemon(p):
         p.wait()
 
 
+# --------------------------------------------------------------------------------------------
+# push section (issue 9): trainer and engine processes, four ways from one to the other
+
+PUSH_NAME = "policy"
+PUSH_METHODS = ("naive", "torch IPC", "weightfs in place", "weightfs rebinding")
+
+
+def _load_state(src):
+    """The checkpoint's tensors on cuda:0, one private allocation each (safetensors)."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".safetensors"):
+            state.update(load_file(os.path.join(src, f), device="cuda:0"))
+    torch.cuda.synchronize()
+    return state
+
+
+def _checksum(tensors):
+    """Per tensor, in name order: (sum of its bytes, sum of its 32-bit words), both int64 on
+    the GPU, so that a missing, stale or shifted byte shows. Cheap: two reads of each tensor."""
+    import torch
+
+    sums = []
+    for k in sorted(tensors):
+        flat = tensors[k].detach().reshape(-1)
+        u8 = flat.view(torch.uint8)
+        sums.append(u8.sum(dtype=torch.int64))
+        sums.append(flat.view(torch.int32).sum(dtype=torch.int64) if u8.numel() % 4 == 0 else sums[-1])
+    torch.cuda.synchronize()
+    return torch.stack(sums).cpu().tolist()
+
+
+def _module_of(state):
+    """A torch.nn.Module whose state_dict names are the checkpoint's (a.b.0.c.weight)."""
+    import torch
+
+    root = torch.nn.Module()
+    for name, t in state.items():
+        parts = name.split(".")
+        m = root
+        for part in parts[:-1]:
+            if part not in m._modules:
+                m.add_module(part, torch.nn.Module())
+            m = m._modules[part]
+        m.register_parameter(parts[-1], torch.nn.Parameter(t, requires_grad=False))
+    return root
+
+
+def _serve(conn, handlers):
+    """Answer the parent's (op, *args) messages with a dict (or {"error": trace}) until "exit"."""
+    conn.send({"ready": os.getpid()})
+    while True:
+        msg = conn.recv()
+        if msg[0] == "exit":
+            conn.send({"bye": True})
+            return
+        try:
+            conn.send(handlers[msg[0]](*msg[1:]))
+        except Exception:  # the parent reports it and stops the run
+            conn.send({"error": traceback.format_exc()[-3000:]})
+
+
+def bench_trainer(conn, peer, src, sock, mnt):
+    """The trainer: holds the state on cuda:0, changes it, ships it one of four ways."""
+    sys.path.insert(0, PYPKG)
+    import torch
+    import weightfs
+
+    try:
+        state = _load_state(src)
+    except Exception:
+        conn.send({"error": traceback.format_exc()[-3000:]})
+        return
+    now = time.perf_counter
+
+    def perturb():
+        with torch.no_grad():
+            for t in state.values():  # every element changes (its bit pattern + 1)
+                t.view(-1).view(torch.int16).add_(1)
+        return {"checksum": _checksum(state)}
+
+    def naive_save(path):
+        from safetensors.torch import save_file
+
+        torch.cuda.synchronize()
+        t0 = now()
+        save_file(state, path, metadata={"format": "pt"})
+        return {"t0": t0, "t1": now()}
+
+    def ipc_share():
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        torch.cuda.synchronize()
+        t0 = now()
+        peer.send([(k, reduce_tensor(t)) for k, t in state.items()])
+        if peer.recv() != "released":  # the engine's copies are done; we may change the state
+            raise RuntimeError("engine did not release the shared tensors")
+        return {"t0": t0, "t1": now()}
+
+    def push(api):
+        torch.cuda.synchronize()
+        t0 = now()
+        t_staged = t_written = None
+        if api == "push":
+            n = weightfs.push(PUSH_NAME, state, socket=sock)
+        else:
+            with weightfs.Push(PUSH_NAME, state, socket=sock) as p:
+                t_staged = now()
+                for k, t in state.items():
+                    p.write(k, t)
+                t_written = now()
+            n = getattr(p, "version", None)
+        t1 = now()
+        if not isinstance(n, int):  # the streaming form's number, if it does not keep one
+            n = weightfs.resolve_version(os.path.join(mnt, PUSH_NAME)).number
+        return {"t0": t0, "t_staged": t_staged, "t_written": t_written, "t1": t1, "version": n}
+
+    _serve(conn, {"perturb": perturb, "naive_save": naive_save, "ipc_share": ipc_share, "push": push})
+
+
+def bench_engine(conn, peer, src, mnt):
+    """The engine: its own copy of the state as a module's parameters; receives new bytes."""
+    sys.path.insert(0, PYPKG)
+    import torch
+    import weightfs
+
+    try:
+        model = _module_of(_load_state(src))
+    except Exception:
+        conn.send({"error": traceback.format_exc()[-3000:]})
+        return
+    now = time.perf_counter
+    path = os.path.join(mnt, PUSH_NAME)
+
+    def params():
+        return dict(model.named_parameters())
+
+    def checksum():
+        return {"checksum": _checksum(params())}
+
+    def naive_load(file):
+        from safetensors.torch import load_file
+
+        torch.cuda.synchronize()
+        t0 = now()
+        got = load_file(file, device="cuda:0")
+        dst = params()
+        with torch.no_grad():
+            for k, t in got.items():
+                dst[k].copy_(t)
+        torch.cuda.synchronize()
+        t1 = now()
+        del got
+        torch.cuda.empty_cache()
+        return {"t0": t0, "t1": t1}
+
+    def ipc_recv():
+        msg = peer.recv()
+        t_recv = now()
+        dst = params()
+        keep = []
+        with torch.no_grad():
+            for k, (rebuild, args) in msg:
+                t = rebuild(*args)
+                keep.append(t)
+                dst[k].copy_(t, non_blocking=True)
+        torch.cuda.synchronize()
+        t1 = now()
+        del keep, t, msg
+        peer.send("released")
+        return {"t_recv": t_recv, "t1": t1}
+
+    def wfs(copy, newer_than):
+        conn.send({"waiting": True})
+        n = weightfs.wait_version(path, newer_than=newer_than, timeout=600)
+        t_seen = now()
+        v = weightfs.update_model(model, path, copy=copy)
+        torch.cuda.synchronize()
+        t1 = now()
+        return {"t_seen": t_seen, "t1": t1, "version": v, "seen": n}
+
+    _serve(conn, {"checksum": checksum, "naive_load": naive_load, "ipc_recv": ipc_recv, "wfs": wfs})
+
+
+def _rpc_recv(conn, who, timeout):
+    if not conn.poll(timeout):
+        raise RuntimeError(f"{who}: no answer within {timeout}s")
+    try:
+        a = conn.recv()
+    except EOFError:
+        raise RuntimeError(f"{who}: the process died") from None
+    if isinstance(a, dict) and "error" in a:
+        raise RuntimeError(f"{who}:\n{a['error']}")
+    return a
+
+
+def _rpc(conn, who, msg, timeout=600):
+    conn.send(msg)
+    return _rpc_recv(conn, who, timeout)
+
+
+def _summary(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "runs": xs}
+
+
+def push_run(run, src, sock, mnt, api, shm):
+    """One run: fresh trainer and engine, the four methods in turn. Returns {method: dict}."""
+    ctx = mp.get_context("spawn")
+    tr_parent, tr_child = ctx.Pipe()
+    en_parent, en_child = ctx.Pipe()
+    peer_t, peer_e = ctx.Pipe()
+    tr = ctx.Process(target=bench_trainer, args=(tr_child, peer_t, src, sock, mnt), daemon=True)
+    en = ctx.Process(target=bench_engine, args=(en_child, peer_e, src, mnt), daemon=True)
+    tr.start()
+    en.start()
+    for c in (tr_child, en_child, peer_t, peer_e):
+        c.close()  # so that a child's death reads as EOF here
+    sys.path.insert(0, PYPKG)
+    import weightfs
+
+    out = {}
+    try:
+        _rpc_recv(tr_parent, "trainer", 600)
+        _rpc_recv(en_parent, "engine", 600)
+        for method in PUSH_METHODS:
+            want = _rpc(tr_parent, "trainer", ("perturb",))["checksum"]
+            r = {}
+            if method == "naive":
+                os.makedirs(shm, exist_ok=True)
+                f = os.path.join(shm, "model.safetensors")
+                t = _rpc(tr_parent, "trainer", ("naive_save", f))
+                e = _rpc(en_parent, "engine", ("naive_load", f))
+                os.remove(f)
+                r = {"total": e["t1"] - t["t0"], "save": t["t1"] - t["t0"], "load_and_copy": e["t1"] - e["t0"]}
+            elif method == "torch IPC":
+                en_parent.send(("ipc_recv",))
+                t = _rpc(tr_parent, "trainer", ("ipc_share",))
+                e = _rpc_recv(en_parent, "engine", 600)
+                r = {"total": e["t1"] - t["t0"], "share_and_send": e["t_recv"] - t["t0"],
+                     "rebuild_and_copy": e["t1"] - e["t_recv"]}
+            else:
+                cur = weightfs.resolve_version(os.path.join(mnt, PUSH_NAME)).number
+                en_parent.send(("wfs", method == "weightfs in place", cur))
+                _rpc_recv(en_parent, "engine", 60)  # {"waiting": True}: blocked in wait_version
+                t = _rpc(tr_parent, "trainer", ("push", api))
+                e = _rpc_recv(en_parent, "engine", 600)
+                if e["version"] != t["version"]:
+                    raise RuntimeError(f"{method}: trainer pushed {t['version']}, engine switched to {e['version']}")
+                r = {"total": e["t1"] - t["t0"], "push_until_visible": t["t1"] - t["t0"],
+                     "engine_update": e["t1"] - e["t_seen"], "wake_after_push_returned": e["t_seen"] - t["t1"],
+                     "version": t["version"]}
+                if t["t_staged"] is not None:
+                    r.update(staging=t["t_staged"] - t["t0"], writes=t["t_written"] - t["t_staged"],
+                             commit=t["t1"] - t["t_written"], from_first_write=e["t1"] - t["t_staged"])
+            got = _rpc(en_parent, "engine", ("checksum",))["checksum"]
+            r["bytes_equal"] = got == want
+            out[method] = r
+            log(f"  run {run + 1} {method}: {r['total']:.4f}s "
+                + " ".join(f"{k}={v:.4f}" for k, v in r.items() if isinstance(v, float) and k != "total")
+                + ("" if r["bytes_equal"] else "  BYTES DIFFER"))
+    finally:
+        for conn, p in ((tr_parent, tr), (en_parent, en)):
+            try:
+                conn.send(("exit",))
+            except OSError:
+                pass
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        shutil.rmtree(shm, ignore_errors=True)
+    return out
+
+
+def push_section(args, work, src, total):
+    """The push section; returns (results for the JSON, True when every byte checked equal)."""
+    mnt = os.path.join(work, "mnt-push")
+    sock = os.path.join(work, "push.sock")
+    shm = os.path.join("/dev/shm", "weightfs-bench-push")
+    os.makedirs(mnt, exist_ok=True)
+    daemon, load_secs, _, lines = start_daemon(args.bin, mnt, src, gpu=True, name=PUSH_NAME,
+                                               extra=["--socket", sock])
+    threading.Thread(target=lambda: lines.extend(ln.rstrip() for ln in daemon.stdout), daemon=True).start()
+
+    def drained():
+        out = subprocess.run([args.bin, "ls", "--json", "--socket", sock], capture_output=True, text=True, timeout=60)
+        return out.returncode == 0 and not json.loads(out.stdout).get("draining")
+
+    runs = []
+    try:
+        log(f"\npush: {total / 1e9:.2f} GB state, trainer and engine on cuda:0, {args.runs} runs, "
+            f"push API {args.push_api!r}")
+        for run in range(args.runs):
+            runs.append(push_run(run, src, sock, mnt, args.push_api, shm))
+            deadline = time.time() + 60  # versions handed to the exited processes drain
+            while not drained() and time.time() < deadline:
+                time.sleep(0.5)
+    finally:
+        stop_daemon(daemon)
+
+    summary = {}
+    for m in PUSH_METHODS:
+        keys = sorted({k for r in runs for k, v in r[m].items() if isinstance(v, float)})
+        summary[m] = {k: _summary([r[m].get(k) for r in runs]) for k in keys}
+    ok = all(r[m]["bytes_equal"] for r in runs for m in PUSH_METHODS)
+    ipc = summary["torch IPC"]["total"]
+    ratios = {
+        "in_place_over_torch_ipc": {s: summary["weightfs in place"]["total"][s] / ipc[s] for s in ("min", "median")},
+        "rebinding_over_torch_ipc": {s: summary["weightfs rebinding"]["total"][s] / ipc[s] for s in ("min", "median")},
+    }
+    log(f"\n{total / 1e9:.1f} GB Qwen3-8B-shaped BF16 state, trainer -> engine on one GPU, "
+        f"{datetime.date.today()}; seconds, min / median of {len(runs)} runs\n")
+    log("| path | total | push until visible | engine update | staging | writes | commit | from first write | bytes equal |")
+    log("|---|---|---|---|---|---|---|---|---|")
+
+    def cell(m, k):
+        v = summary[m].get(k)
+        return f"{v['min']:.4f} / {v['median']:.4f}" if v else ""
+    for m in PUSH_METHODS:
+        eq = all(r[m]["bytes_equal"] for r in runs)
+        log(f"| {m} | {cell(m, 'total')} | {cell(m, 'push_until_visible')} | {cell(m, 'engine_update')} | "
+            f"{cell(m, 'staging')} | {cell(m, 'writes')} | {cell(m, 'commit')} | {cell(m, 'from_first_write')} | "
+            f"{'yes' if eq else 'NO'} |")
+    n = summary["naive"]
+    log(f"\nnaive: save {n['save']['median']:.2f} s, load and copy {n['load_and_copy']['median']:.2f} s (medians)")
+    log(f"weightfs in place / torch IPC: {ratios['in_place_over_torch_ipc']['median']:.2f}× median, "
+        f"{ratios['in_place_over_torch_ipc']['min']:.2f}× min (target ≤ 2×)")
+    log(f"weightfs rebinding / torch IPC: {ratios['rebinding_over_torch_ipc']['median']:.2f}× median, "
+        f"{ratios['rebinding_over_torch_ipc']['min']:.2f}× min (target ≤ 1.2×)")
+    log(f"every byte checked equal after every method and run: {'yes' if ok else 'NO'}")
+    return {"bytes": total, "runs": runs, "summary": summary, "ratios": ratios, "bytes_equal": ok,
+            "push_api": args.push_api, "daemon_load_seconds": load_secs, "daemon_log_tail": lines[-40:]}, ok
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (local disk)")
+    ap.add_argument("--only", choices=("load", "push"), default=None,
+                    help="run one section only (default: the load section, then the push section)")
+    ap.add_argument("--runs", type=int, default=3, help="runs of the push section (fresh processes each)")
+    ap.add_argument("--push-api", choices=("stream", "push"), default="stream",
+                    help="the trainer's call: weightfs.Push streaming (times staging, writes and commit "
+                         "apart) or weightfs.push")
+    ap.add_argument("--out", default=None, help="write gpu-bench.json (every figure) into this folder")
     args = ap.parse_args()
     work = args.dir or tempfile.mkdtemp(prefix="weightfs-bench-", dir="/var/tmp")
     src = os.path.join(work, "qwen3-8b")
@@ -171,6 +539,25 @@ def main():
     t0 = time.perf_counter()
     total = make_checkpoint(src)
     log(f"checkpoint: {total / 1e9:.2f} GB in 4 shards, written in {time.perf_counter() - t0:.1f}s")
+    result = {"date": str(datetime.date.today()), "bytes": total}
+    ok = True
+    try:
+        if args.only != "push":
+            result["load"] = load_section(args, work, src, mnt, total)
+        if args.only != "load":
+            result["push"], ok = push_section(args, work, src, total)
+    finally:
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "gpu-bench.json"), "w") as f:
+                json.dump(result, f, indent=2)
+            log(f"wrote {os.path.join(args.out, 'gpu-bench.json')}")
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+def load_section(args, work, src, mnt, total):
+    """Time until every tensor of the checkpoint is on the GPU, loaders side by side."""
     files = sorted(os.path.join(src, f) for f in os.listdir(src) if f.endswith(".safetensors"))
     rows = []
 
@@ -215,8 +602,8 @@ def main():
         log(f"| {name} | {secs:.3f} | {gbs:.2f} | {best / secs:.2f}× |")
     cat = base["raw cat, cold page cache"]
     log(f"\ndaemon cold load / raw cat cold: {cat / base['weightfs daemon load, cold (disk → host → GPU)']:.2f}× of raw disk throughput")
-    shutil.rmtree(work, ignore_errors=True)
+    return [{"path": n, "seconds": secs, "gb_per_s": gbs} for n, secs, gbs in rows]
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,7 +18,13 @@ weightfs binary given by --bin, then checks:
   reference parser itself (safetensors.safe_open): accepted files open with the expected
   tensors and metadata, refused ones raise;
   (pushed) the files store.PlanPush lays out for pushed versions (store/testdata/pushed) open
-  with the reference library, every tensor readable, each index agreeing with its shards.
+  with the reference library, every tensor readable, each index agreeing with its shards;
+  (push-a..e) issue 9, each trainer and engine its own process (push_roles.py): a trainer's
+  weightfs.push of a perturbed model on cuda:0 reaches an engine's update_model in place (logits
+  equal, data_ptrs kept, same files and headers as the loaded base); copy=False rebinds into the
+  new slabs; a writer SIGKILLed mid-push leaves nothing visible and frees its memory (and a
+  second push of the name meanwhile is refused as busy); rollback gives the old logits back; a
+  torch-free push reads back through the mount with safetensors.safe_open.
 Prints one line per check and "N passed, N failed" last; exits non-zero on any failure.
 """
 import argparse
@@ -26,6 +32,7 @@ import datetime
 import fcntl
 import json
 import os
+import select
 import signal
 import struct
 import subprocess
@@ -40,6 +47,11 @@ sys.path.insert(0, os.path.join(HERE, "..", "python"))
 import torch  # noqa: E402
 import weightfs  # noqa: E402
 
+sys.path.insert(0, HERE)
+import push_roles  # noqa: E402  (torch-free helpers; its roles run as their own processes)
+
+ROLES = os.path.join(HERE, "push_roles.py")
+PYPKG = os.path.join(HERE, "..", "python")
 IOCTL_CUDA_MANIFEST = 0xBFF85701  # _IOR('W', 1, struct weightfs_cuda_manifest), 16376 bytes
 IOCTL_SIZE = 16376
 
@@ -220,6 +232,131 @@ def check_pushed():
     if bad:
         raise AssertionError("\n  ".join(bad))
     return f"{files} files of {len(cases)} layouts open with every tensor; indexes agree"
+
+
+# --------------------------------------------------------------------------------------------
+# push checks (issue 9): the trainer, the engine and the writers are processes of push_roles.py
+
+
+class RoleProc:
+    """A push_roles.py process: JSON lines out, optionally JSON commands in; every read has a
+    deadline, stderr goes to a file that failures quote."""
+
+    def __init__(self, role, sock, *extra):
+        self.errf = tempfile.TemporaryFile()
+        self.role = role
+        self.p = subprocess.Popen([sys.executable, ROLES, role, "--pypkg", PYPKG, "--socket", sock, *extra],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errf)
+        self.buf = b""
+
+    def stderr(self, n=3000):
+        self.errf.seek(0)
+        return self.errf.read().decode(errors="replace")[-n:]
+
+    def line(self, timeout):
+        deadline = time.time() + timeout
+        fd = self.p.stdout.fileno()
+        while b"\n" not in self.buf:
+            left = deadline - time.time()
+            if left <= 0:
+                raise AssertionError(f"{self.role} (pid {self.p.pid}): no answer within {timeout}s; "
+                                     f"stderr:\n{self.stderr()}")
+            r, _, _ = select.select([fd], [], [], left)
+            if r:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    self.p.wait(timeout=10)
+                    raise AssertionError(f"{self.role} (pid {self.p.pid}) exited {self.p.returncode} "
+                                         f"without answering; stderr:\n{self.stderr()}")
+                self.buf += chunk
+        ln, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(ln)
+
+    def send(self, op, **kw):
+        self.p.stdin.write((json.dumps({"op": op, **kw}) + "\n").encode())
+        self.p.stdin.flush()
+
+    def answer(self, timeout=120):
+        a = self.line(timeout)
+        if a.get("ok") is False:
+            raise AssertionError(f"{self.role}: {a.get('error')}\n{a.get('trace', '')}")
+        return a
+
+    def call(self, op, timeout=120, **kw):
+        self.send(op, **kw)
+        return self.answer(timeout)
+
+    def result(self, timeout=300):
+        """The last line of a role that runs to its end, after it exited 0."""
+        last = None
+        try:
+            while True:
+                last = self.line(timeout)
+        except AssertionError:
+            if self.p.poll() is None:
+                raise
+        try:
+            if self.p.returncode != 0 or last is None:
+                raise AssertionError(f"{self.role} exited {self.p.returncode}; stderr:\n{self.stderr()}")
+            return last
+        finally:
+            self.close()
+
+    def close(self):
+        if self.p.poll() is None:
+            try:
+                self.send("exit")
+                self.p.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - not an engine, or stuck: kill it
+                self.p.kill()
+                self.p.wait()
+        for f in (self.p.stdin, self.p.stdout, self.errf):
+            if f and not f.closed:
+                f.close()
+
+
+def engine_proc(sock, src, timeout=180):
+    e = RoleProc("engine", sock, "--src", src)
+    e.line(timeout)  # {"ready": pid}: torch, CUDA and transformers imported
+    return e
+
+
+def headers_equal(folder_a, folder_b):
+    """Same file names; each *.safetensors header (8-byte length + JSON) byte for byte equal;
+    every index file byte for byte equal. Returns the number of weights files."""
+    na, nb = sorted(os.listdir(folder_a)), sorted(os.listdir(folder_b))
+    if na != nb:
+        raise AssertionError(f"files differ: {na} vs {nb}")
+    n = 0
+    for f in na:
+        pa, pb = os.path.join(folder_a, f), os.path.join(folder_b, f)
+        if f.endswith(".safetensors"):
+            with open(pa, "rb") as fa, open(pb, "rb") as fb:
+                ha, hb = fa.read(8), fb.read(8)
+                ha += fa.read(struct.unpack("<Q", ha)[0])
+                hb += fb.read(struct.unpack("<Q", hb)[0])
+            if ha != hb:
+                raise AssertionError(f"{f}: headers differ ({len(ha)} vs {len(hb)} bytes)")
+            if os.path.getsize(pa) != os.path.getsize(pb):
+                raise AssertionError(f"{f}: sizes differ")
+            n += 1
+        elif f.endswith(".safetensors.index.json"):
+            with open(pa, "rb") as fa, open(pb, "rb") as fb:
+                if fa.read() != fb.read():
+                    raise AssertionError(f"{f} differs")
+    return n
+
+
+def wait_until(what, fn, timeout=20, every=0.25):
+    """fn() until it returns a true value; AssertionError naming what and the last value."""
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout}s (last: {last!r})")
 
 
 def main():
@@ -503,6 +640,210 @@ def main():
                     f"copy=False: logits equal, {sum(1 for _ in e2.parameters())} parameters in {len(ranges)} slabs; "
                     f"copy=True into slab views refused; refused untouched: {', '.join(refused)}")
         check("(i) update_model switches an engine in place", i)
+
+        # ---- push (issue 9): "policy" starts as a `weightfs load` of the saved folder, so that
+        # a push of the same tensors must keep its files and headers (PROTOCOL.md §6.1).
+        policy = os.path.join(mnt, "policy")
+        pushed = {}  # what later push checks need from earlier ones: versions, logits files
+
+        def ls_pushes():
+            return wfs("ls").get("pushes") or []
+
+        def no_draining():
+            return not wfs("ls")["draining"]
+
+        def push_a():
+            first = wfs("load", "policy", src)["version"]["number"]
+            for sh in shards:
+                wait_resident(os.path.join(mnt, f"policy@{first}", sh))
+            pushed["first"] = first
+            eng = engine_proc(sock, src)
+            try:
+                eng.call("load", path=os.path.join(mnt, f"policy@{first}"))
+                base_logits = os.path.join(work, "logits-base.pt")
+                eng.call("logits", out=base_logits)
+                # the engine waits for the commit (wait_version) while the trainer pushes
+                eng.send("update", path=policy, copy=True, newer_than=first, timeout=120)
+                la = os.path.join(work, "logits-a.pt")
+                tr = RoleProc("trainer", sock, "--src", src, "--name", "policy", "--seed", "1001", "--logits", la).result()
+                up = eng.answer(timeout=120)
+                ea = os.path.join(work, "logits-engine-a.pt")
+                eng.call("logits", out=ea)
+            finally:
+                eng.close()
+            n = tr["version"]
+            if n != up["version"] or n <= first:
+                raise AssertionError(f"trainer pushed version {n}, engine updated to {up['version']} (base {first})")
+            if up["moved"]:
+                raise AssertionError(f"copy=True moved {up['moved']} of {up['tensors']} tensors, e.g. {up['moved_examples']}")
+            got, want, base = torch.load(ea), torch.load(la), torch.load(base_logits)
+            if not torch.equal(got, want):
+                raise AssertionError(f"engine logits differ from the trainer's: max diff {(got - want).abs().max()}")
+            if torch.equal(got, base):
+                raise AssertionError("the pushed weights give the base's logits: nothing changed")
+            files = headers_equal(os.path.join(mnt, f"policy@{first}"), os.path.join(mnt, f"policy@{n}"))
+            pushed.update(a=n, logits_a=la)
+            return (f"push of {tr['tensors']} tensors ({tr['bytes']} B) -> policy@{n} in {tr['push_seconds'] * 1000:.0f} ms; "
+                    f"engine woke after {up['waited']['seconds'] * 1000:.0f} ms of waiting, update_model {up['seconds'] * 1000:.1f} ms; "
+                    f"logits equal, {up['tensors']} data_ptrs unchanged; {files} weights files with the base's names and headers")
+        check("(push-a) trainer push -> engine update_model in place: logits equal", push_a)
+
+        def push_b():
+            if "a" not in pushed:
+                raise AssertionError("needs (push-a)")
+            eng = engine_proc(sock, src)
+            try:
+                eng.call("load", path=os.path.join(mnt, f"policy@{pushed['a']}"))
+                eng.send("update", path=policy, copy=False, newer_than=pushed["a"], timeout=120)
+                lb = os.path.join(work, "logits-b.pt")
+                tr = RoleProc("trainer", sock, "--src", src, "--name", "policy", "--seed", "1002", "--logits", lb).result()
+                up = eng.answer(timeout=120)
+                eb = os.path.join(work, "logits-engine-b.pt")
+                eng.call("logits", out=eb)
+                inside = eng.call("in-slabs", folder=os.path.join(mnt, f"policy@{tr['version']}"))
+            finally:
+                eng.close()
+            if tr["version"] != up["version"]:
+                raise AssertionError(f"trainer pushed {tr['version']}, engine rebound to {up['version']}")
+            got, want = torch.load(eb), torch.load(lb)
+            if not torch.equal(got, want):
+                raise AssertionError(f"copy=False: max diff {(got - want).abs().max()}")
+            if inside["outside"] or not inside["slabs"]:
+                raise AssertionError(f"{inside['outside']} of {inside['params']} parameters outside the "
+                                     f"{inside['slabs']} slabs of policy@{tr['version']}, e.g. {inside['outside_examples']}")
+            pushed.update(b=tr["version"], logits_b=lb)
+            return (f"policy@{tr['version']}: rebound in {up['seconds'] * 1000:.1f} ms, logits equal, "
+                    f"{inside['params']} parameters inside {inside['slabs']} slabs")
+        check("(push-b) update_model(copy=False) rebinds to the pushed version's slabs", push_b)
+
+        def push_c():
+            if "b" not in pushed:
+                raise AssertionError("needs (push-b)")
+            # the earlier engines and trainers have exited: let their versions drain first
+            wait_until("versions left draining by earlier checks freed", no_draining, timeout=30)
+            cur = weightfs.resolve_version(policy).number
+            st = wfs("status")
+            gpu_before, host_before = st["gpus"][0]["bytes"], st["host"]["bytes"]
+            gpu_reserved_before = st["gpus"][0].get("reserved", 0)
+            versions_before = sorted(v["number"] for m in wfs("ls")["models"] if m["name"] == "policy" for v in m["versions"])
+            if ls_pushes():
+                raise AssertionError(f"a staged push before the test: {ls_pushes()}")
+            w = RoleProc("half-writer", sock, "--src", src, "--name", "policy", "--seed", "1003")
+            try:
+                half = w.line(180)
+                if "half" not in half:
+                    raise AssertionError(f"writer said {half}")
+                staged = ls_pushes()
+                if len(staged) != 1 or staged[0].get("name") != "policy" or staged[0].get("pid") != w.p.pid:
+                    raise AssertionError(f"ls pushes while writing: {staged}, writer pid {w.p.pid}")
+                g = wfs("status")["gpus"][0]
+                gpu_during = g["bytes"] + g.get("reserved", 0)  # the staged slabs: held or reserved
+                if gpu_during <= gpu_before + gpu_reserved_before:
+                    raise AssertionError(f"GPU bytes + reserved did not grow for the staged version: "
+                                         f"{gpu_before} + {gpu_reserved_before} -> {gpu_during}")
+                # one push per name: a second writer is refused, naming the first one's pid
+                busy = RoleProc("plain-push", sock, "--name", "policy")
+                try:
+                    busy.p.wait(timeout=120)
+                    if busy.p.returncode == 0 or str(w.p.pid) not in busy.stderr():
+                        raise AssertionError(f"a second push of policy: exit {busy.p.returncode}, {busy.stderr(600)!r}")
+                finally:
+                    busy.close()
+                os.kill(w.p.pid, signal.SIGKILL)
+                w.p.wait(timeout=30)
+            finally:
+                if w.p.poll() is None:
+                    w.p.kill()
+                    w.p.wait()
+                w.close()
+            wait_until("the staged push gone from ls", lambda: not ls_pushes(), timeout=15)
+
+            def freed():
+                s2 = wfs("status")
+                return ((s2["gpus"][0]["bytes"], s2["gpus"][0].get("reserved", 0), s2["host"]["bytes"])
+                        == (gpu_before, gpu_reserved_before, host_before)) or None
+            try:
+                wait_until("GPU and host bytes back to their values before the push", freed, timeout=15)
+            except AssertionError:
+                s2 = wfs("status")
+                raise AssertionError(f"GPU bytes {gpu_before} -> {gpu_during} -> {s2['gpus'][0]['bytes']}, "
+                                     f"host bytes {host_before} -> {s2['host']['bytes']}") from None
+            now = weightfs.resolve_version(policy).number
+            versions_after = sorted(v["number"] for m in wfs("ls")["models"] if m["name"] == "policy" for v in m["versions"])
+            if now != cur or versions_after != versions_before:
+                raise AssertionError(f"current {cur} -> {now}, versions {versions_before} -> {versions_after}")
+            return (f"killed pid {w.p.pid} after {half['half']} of {half['of']} tensors: second push refused as busy; "
+                    f"policy@{now} still current, versions {versions_after}; staged push gone; "
+                    f"GPU bytes {gpu_before} -> {gpu_during} (with reserved) -> {gpu_before}, host bytes back to {host_before}")
+        check("(push-c) SIGKILL of the writer mid-push: nothing visible, memory freed", push_c)
+
+        def push_d():
+            if "b" not in pushed:
+                raise AssertionError("needs (push-a) and (push-b)")
+            eng = engine_proc(sock, src)
+            try:
+                eng.call("load", path=policy)
+                first = eng.call("watch-start", path=policy)["version"]
+                rb = wfs("rollback", "policy")["version"]["number"]
+                seen = eng.call("watch-next", timeout=10)["version"]
+                up = eng.call("update", path=policy, copy=True)
+                ed = os.path.join(work, "logits-engine-d.pt")
+                eng.call("logits", out=ed)
+            finally:
+                eng.close()
+            if (first, rb, seen, up["version"]) != (pushed["b"], pushed["a"], pushed["a"], pushed["a"]):
+                raise AssertionError(f"watch {first} -> {seen}, rollback to {rb}, update_model -> {up['version']}; "
+                                     f"want {pushed['b']} -> {pushed['a']}")
+            got, want = torch.load(ed), torch.load(pushed["logits_a"])
+            if not torch.equal(got, want):
+                raise AssertionError(f"after the rollback: max diff {(got - want).abs().max()} from push-a's logits")
+            return (f"rollback policy@{pushed['b']} -> policy@{rb}; the engine's watch saw it; update_model gave "
+                    f"push-a's logits back exactly")
+        check("(push-d) rollback: update_model gets the old logits back", push_d)
+
+        def push_e():
+            from safetensors import safe_open
+
+            res = RoleProc("plain-push", sock, "--name", "plain").result(timeout=120)
+            if res.get("torch_imported"):
+                raise AssertionError("the torch-free push imported torch")
+            want = push_roles.plain_tensors()
+            folder = os.path.join(mnt, "plain")
+            if weightfs.resolve_version(folder).number != res["version"]:
+                raise AssertionError(f"pushed {res['version']}, mount shows {weightfs.resolve_version(folder)}")
+            with open(os.path.join(folder, "config.json"), "rb") as f:
+                if f.read() != push_roles.PLAIN_CONFIG:
+                    raise AssertionError("config.json is not the pushed one")
+            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+            if files != ["model.safetensors"]:
+                raise AssertionError(f"a first push of {len(want)} small tensors laid out as {files}")
+            path = os.path.join(folder, "model.safetensors")
+            with open(path, "rb") as f:
+                hlen = struct.unpack("<Q", f.read(8))[0]
+            if (8 + hlen) % 4096:
+                raise AssertionError(f"data section starts at {8 + hlen}, not on a 4096-byte boundary")
+            seen = {}
+            with safe_open(path, framework="pt") as st:
+                if st.metadata() != {"format": "pt"}:
+                    raise AssertionError(f"metadata {st.metadata()}")
+                for k in st.keys():
+                    sl = st.get_slice(k)
+                    seen[k] = (sl.get_dtype(), list(sl.get_shape()),
+                               st.get_tensor(k).contiguous().view(torch.uint8).numpy().tobytes())
+            if seen != {k: (dt, shape, data) for k, (dt, shape, data) in want.items()}:
+                raise AssertionError(f"safe_open read {sorted((k, v[:2]) for k, v in seen.items())}, "
+                                     f"want {sorted((k, v[:2]) for k, v in want.items())} (or bytes differ)")
+            wait_resident(path)
+            gpu = weightfs.load_file(path)
+            if not weightfs.gpu_pointer_ranges(path):
+                raise AssertionError("not loaded zero-copy")
+            bad = [k for k, (_, _, data) in want.items()
+                   if gpu[k].cpu().contiguous().view(torch.uint8).numpy().tobytes() != data]
+            if bad:
+                raise AssertionError(f"GPU slab bytes differ for {bad}")
+            return (f"plain@{res['version']} pushed without torch in {res['seconds'] * 1000:.0f} ms: "
+                    f"{len(want)} tensors, safe_open and the GPU slab give the pushed bytes; header 4096-aligned")
+        check("(push-e) a torch-free push reads back with safetensors.safe_open", push_e)
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         try:
