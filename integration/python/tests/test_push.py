@@ -53,6 +53,7 @@ class Session:
         self.end = ""  # "commit", "abort", "eof"
         self.done = threading.Event()
         self.errors: list[str] = []
+        self.gpus: list[str] = []
 
 
 class FakeDaemon:
@@ -60,7 +61,8 @@ class FakeDaemon:
     connection. ``stage_and_serve`` is the §8 daemon; tests pass others to refuse."""
 
     def __init__(self, script: Optional[Callable] = None, scratch_bytes: int = 1 << 20,
-                 fd_with_head: bool = True, hold_first_answer: bool = False):
+                 fd_with_head: bool = True, hold_first_answer: bool = False,
+                 slab: Any = None):
         self.tmp = tempfile.mkdtemp(prefix="weightfs-fake-")
         self.path = os.path.join(self.tmp, "s.sock")
         self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -70,6 +72,9 @@ class FakeDaemon:
         self.scratch_bytes = scratch_bytes
         self.fd_with_head = fd_with_head
         self.hold_first_answer = hold_first_answer
+        # a GPU slab (test_push_torch.py): .replicas(nbytes) -> [{"gpu", "handle"}],
+        # .read(offset, size) -> bytes
+        self.slab = slab
         self.sessions: list[Session] = []
         self.version = 0
         self._t = threading.Thread(target=self._accept, daemon=True)
@@ -135,6 +140,7 @@ class FakeDaemon:
                             "shape": t["shape"], "size": size, "slab_offset": off})
             off += -(-size // 256) * 256
         sizes = {t["name"]: t["size"] for t in tensors}
+        offsets = {t["name"]: t["slab_offset"] for t in tensors}
         n = self.scratch_bytes
         fd = os.memfd_create("scratch", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, n)
@@ -142,7 +148,8 @@ class FakeDaemon:
         staged = json.dumps({"staged": {
             "name": s.body["name"], "base": self.version, "same_layout": False,
             "tensor_bytes": sum(sizes.values()), "scratch_bytes": n, "timeout_seconds": 600,
-            "files": [{"path": "model.safetensors", "slab_bytes": max(off, 256), "replicas": []}],
+            "files": [{"path": "model.safetensors", "slab_bytes": max(off, 256),
+                       "replicas": self.slab.replicas(max(off, 256)) if self.slab else []}],
             "tensors": tensors}}).encode() + b"\n"
         head = (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: weightfs-push/1\r\n"
                 b"Connection: Upgrade\r\n\r\n")
@@ -170,6 +177,11 @@ class FakeDaemon:
                         return {"error": {"code": "invalid", "message": f"{name} out of scratch"}}
                     s.received[name] = bytes(scratch[at:at + size]) if size else b""
                     done += size
+                return {"ok": True, "done": done}
+            if op["op"] == "written" and self.slab is not None:
+                for name in op["tensors"]:
+                    s.received[name] = self.slab.read(offsets[name], sizes[name])
+                    s.gpus.append(op["gpu"])
                 return {"ok": True, "done": done}
             if op["op"] == "commit":
                 missing = [k for k in sizes if k not in s.received]
