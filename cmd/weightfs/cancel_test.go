@@ -18,7 +18,7 @@ func TestCancelCommand(t *testing.T) {
 	if code != 1 {
 		t.Errorf("cancel with no load in progress: exit %d", code)
 	}
-	oneLineError(t, []string{"cancel"}, stderr, "cancel m: no load of m in progress")
+	oneLineError(t, []string{"cancel"}, stderr, "cancel m: no load or push of m in progress")
 	if _, _, code := weightfs(t, "cancel", "--socket", sock); code != 2 {
 		t.Errorf("cancel without a name: exit %d, want 2", code)
 	}

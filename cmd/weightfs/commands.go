@@ -202,10 +202,10 @@ func (a *app) rollbackCommand() *cobra.Command {
 }
 
 func (a *app) cancelCommand() *cobra.Command {
-	return &cobra.Command{Use: "cancel NAME", Short: "Stop the loads of NAME in progress in the daemon",
+	return &cobra.Command{Use: "cancel NAME", Short: "Stop the loads and the push of NAME in progress in the daemon",
 		Args: nargs(1, 1), ValidArgsFunction: a.completeModels, RunE: func(c *cobra.Command, args []string) error {
-			loads, err := a.client().Cancel(c.Context(), args[0])
-			return show(a, control.Cancelled{Cancelled: loads}, err, func(w io.Writer, c control.Cancelled) { report.Cancelled(w, c.Cancelled) })
+			out, err := a.client().Cancel(c.Context(), args[0])
+			return show(a, out, err, report.Cancelled)
 		}}
 }
 
@@ -213,7 +213,10 @@ func (a *app) listCommand() *cobra.Command {
 	return &cobra.Command{Use: "ls", Aliases: []string{"list"}, Short: "List models and versions", Args: nargs(0, 0),
 		RunE: func(c *cobra.Command, _ []string) error {
 			l, err := a.client().List(c.Context())
-			return show(a, l, err, func(w io.Writer, l *control.List) { report.Versions(w, l.Models, l.Draining) })
+			return show(a, l, err, func(w io.Writer, l *control.List) {
+				report.Versions(w, l.Models, l.Draining)
+				report.Pushes(w, l.Pushes)
+			})
 		}}
 }
 

@@ -132,14 +132,14 @@ func (c *Client) Verify(ctx context.Context, name string, version int) (*Verifie
 	return &out, nil
 }
 
-// Cancel cancels the loads of name in progress in the daemon and returns
-// them; none is an *Error matching store.ErrNotFound.
-func (c *Client) Cancel(ctx context.Context, name string) ([]Load, error) {
+// Cancel cancels the loads and the staged push of name in progress in the
+// daemon and returns them; none is an *Error matching store.ErrNotFound.
+func (c *Client) Cancel(ctx context.Context, name string) (*Cancelled, error) {
 	var out Cancelled
 	if err := c.call(ctx, http.MethodPost, "/v1/cancel", CancelRequest{Name: name}, &out); err != nil {
 		return nil, err
 	}
-	return out.Cancelled, nil
+	return &out, nil
 }
 
 // Load loads the folder path as the next version of name; progress, if set,

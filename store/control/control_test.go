@@ -233,7 +233,7 @@ func TestLoadListStatusUnload(t *testing.T) {
 	if n := testutil.CollectAndCount(h.srv.metrics.loadSeconds); n != 1 {
 		t.Errorf("load_seconds: %d series", n)
 	}
-	if len(h.srv.Collectors()) != 3 {
+	if len(h.srv.Collectors()) != 5 { // loads, load seconds, errors, pushes, pushed bytes
 		t.Errorf("collectors: %d", len(h.srv.Collectors()))
 	}
 }
@@ -686,7 +686,11 @@ func TestCancel(t *testing.T) {
 		result <- err
 	}()
 	<-started
-	loads, err := h.c.Cancel(ctx, "m")
+	out, err := h.c.Cancel(ctx, "m")
+	var loads []Load
+	if out != nil {
+		loads = out.Cancelled
+	}
 	if err != nil || len(loads) != 1 || loads[0].Name != "m" || loads[0].Source != dir || loads[0].Total == 0 {
 		t.Errorf("cancel: %+v, %v", loads, err)
 	}

@@ -16,6 +16,8 @@ type metrics struct {
 	loads       *prometheus.CounterVec
 	loadSeconds prometheus.Histogram
 	errors      *prometheus.CounterVec
+	pushes      *prometheus.CounterVec
+	pushBytes   prometheus.Counter
 }
 
 func newMetrics() *metrics {
@@ -30,6 +32,15 @@ func newMetrics() *metrics {
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "weightfs_errors_total", Help: "Errors, by kind (load, unload, rollback, verify, gpu).",
 		}, []string{"kind"}),
+	}
+	m.pushes = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "weightfs_pushes_total", Help: "Pushes, by result (ok, error, cancelled, aborted).",
+	}, []string{"result"})
+	m.pushBytes = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "weightfs_pushed_bytes_total", Help: "Tensor bytes of the pushes committed.",
+	})
+	for _, result := range []string{"ok", "error", "cancelled", "aborted"} {
+		m.pushes.WithLabelValues(result)
 	}
 	for _, kind := range []string{"load", "unload", "rollback", "verify", "gpu"} {
 		m.errors.WithLabelValues(kind)
@@ -57,7 +68,7 @@ func (m *metrics) observeLoad(d time.Duration, err error) {
 // Collectors are the server's Prometheus metrics, to register beside the
 // store's and the mount's.
 func (s *Server) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{s.metrics.loads, s.metrics.loadSeconds, s.metrics.errors}
+	return []prometheus.Collector{s.metrics.loads, s.metrics.loadSeconds, s.metrics.errors, s.metrics.pushes, s.metrics.pushBytes}
 }
 
 // MetricsHandler serves the given collectors, with the Go and process

@@ -28,6 +28,14 @@ type Server struct {
 	// progressHook, when set (tests), runs after each progress event of a
 	// load has been sent, with the request's context.
 	progressHook func(ctx context.Context, done, total int64)
+
+	pushTimeout  time.Duration
+	scratchBytes int64 // the scratch's default size (tests make it small)
+	pushMu       sync.Mutex
+	pushes       map[*store.Staged]*activePush // pushes with an open connection
+	// pushEnded, when set (tests), runs when a push's connection is done
+	// with: the push committed or aborted, its scratch closed.
+	pushEnded func(name string)
 }
 
 // Options configure a Server.
@@ -44,12 +52,17 @@ type Options struct {
 	// loads asked over the API run on it, not on their request, so that a
 	// load goes on when its client goes away. Ending it cancels them.
 	Context context.Context
+	// PushTimeout aborts a push not committed that long after it started
+	// (0: no limit; the daemon's --push-timeout defaults to
+	// DefaultPushTimeout).
+	PushTimeout time.Duration
 }
 
 // NewServer serves st.
 func NewServer(st *store.Store, opts Options) *Server {
 	s := &Server{store: st, log: opts.Logger, metrics: newMetrics(), gpuProc: opts.GPUProcessBytes,
-		build: BuildOf(opts.Version), ctx: opts.Context}
+		build: BuildOf(opts.Version), ctx: opts.Context, pushTimeout: max(opts.PushTimeout, 0),
+		scratchBytes: defaultScratchBytes, pushes: map[*store.Staged]*activePush{}}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -91,6 +104,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/verify", s.serveVerify)
 	mux.HandleFunc("POST /v1/cancel", s.serveCancel)
 	mux.HandleFunc("GET /v1/watch", s.serveWatch)
+	mux.HandleFunc("POST /v1/push", s.servePush)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorOf(store.ErrNotFound, "no such request: %s %s", r.Method, r.URL.Path))
 	})
@@ -221,7 +235,8 @@ func (s *Server) serveLoad(w http.ResponseWriter, r *http.Request) {
 	send(LoadEvent{Version: &vj})
 }
 
-// serveCancel cancels the loads of a model in progress; none is 404.
+// serveCancel cancels the loads and the staged push of a model in
+// progress; none is 404.
 func (s *Server) serveCancel(w http.ResponseWriter, r *http.Request) {
 	var req CancelRequest
 	if !readJSON(w, r, &req) {
@@ -236,18 +251,24 @@ func (s *Server) serveCancel(w http.ResponseWriter, r *http.Request) {
 		done, total := l.Progress()
 		out.Cancelled = append(out.Cancelled, Load{Name: l.Name, Source: l.Source, Done: done, Total: total})
 	}
-	if len(out.Cancelled) == 0 {
-		writeError(w, errorOf(store.ErrNotFound, "cancel %s: no load of %[1]s in progress", req.Name))
+	out.Pushes = s.cancelPushes(req.Name)
+	if len(out.Cancelled) == 0 && len(out.Pushes) == 0 {
+		writeError(w, errorOf(store.ErrNotFound, "cancel %s: no load or push of %[1]s in progress", req.Name))
 		return
 	}
-	s.log.Info("load cancel requested", "model", req.Name, "loads", len(out.Cancelled))
+	s.log.Info("cancel requested", "model", req.Name, "loads", len(out.Cancelled), "pushes", len(out.Pushes))
 	writeJSON(w, http.StatusOK, out)
 }
 
 // readJSON decodes a request's body, one JSON object of at most 1 MiB, and
 // answers 400 when it is not that.
 func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
-	body := http.MaxBytesReader(w, r.Body, 1<<20)
+	return readJSONMax(w, r, v, 1<<20)
+}
+
+// readJSONMax is readJSON for a body of at most max bytes.
+func readJSONMax(w http.ResponseWriter, r *http.Request, v any, max int64) bool {
+	body := http.MaxBytesReader(w, r.Body, max)
 	dec := json.NewDecoder(body)
 	err := dec.Decode(v)
 	if err == nil {
@@ -299,7 +320,7 @@ func versionOf(v *store.Version, current bool) Version {
 
 // List is every model with its versions, and the draining versions.
 func (s *Server) List() List {
-	out := List{Models: []Model{}, Draining: []Version{}}
+	out := List{Models: []Model{}, Draining: []Version{}, Pushes: s.Pushes()}
 	for _, m := range s.store.Models() {
 		cur := m.Current()
 		mj := Model{Name: m.Name()}
@@ -326,7 +347,7 @@ func (s *Server) Status() Status {
 		Daemon: s.build,
 		Host:   Host{Bytes: u.HostBytes, Reserved: u.HostReserved, Budget: u.HostBudget, Arena: s.store.Arena().Kind()},
 		GPUs:   []GPU{},
-		Models: list.Models, Draining: list.Draining, Loads: []Load{},
+		Models: list.Models, Draining: list.Draining, Loads: []Load{}, Pushes: list.Pushes,
 	}
 	if report := s.mount.Load(); report != nil {
 		out.MountStatus = (*report)()

@@ -45,6 +45,11 @@ type ListenOptions struct {
 	// AllowUIDs may drive the daemon besides root and the daemon's own
 	// (effective) uid, which always may.
 	AllowUIDs []uint32
+	// PushUIDs and PushGIDs may push (POST /v1/push) and do nothing else:
+	// a peer whose uid is in PushUIDs, or whose primary or supplementary
+	// group is in PushGIDs. With either set, the socket is mode 0666 and
+	// its folder searchable by all (the peer check decides who is served).
+	PushUIDs, PushGIDs []uint32
 	// Logger receives refused connections (default: the logger Serve is
 	// handed, else slog.Default()).
 	Logger *slog.Logger
@@ -62,8 +67,11 @@ type Listener struct {
 	file    os.FileInfo // the socket at path, to remove it only if it is still ours
 	allowed func(uid uint32) bool
 	allow   string // the allowed uids, for people
+	pushers pushers
 	log     atomic.Pointer[slog.Logger]
 	once    sync.Once
+	// credOf reads a connection's peer (SO_PEERCRED); tests fake it.
+	credOf func(*net.UnixConn) (*unix.Ucred, error)
 }
 
 // Listen listens on the control socket at path with the default options.
@@ -117,7 +125,16 @@ func ListenWith(path string, opts ListenOptions) (*Listener, error) {
 		return fail(err)
 	}
 	ul.SetUnlinkOnClose(false) // its name moves to path; Close removes that one
-	if err := os.Chmod(bound, 0o600); err != nil {
+	mode := os.FileMode(0o600)
+	if len(opts.PushUIDs)+len(opts.PushGIDs) > 0 {
+		// Pushers are other users: they must reach and connect to it.
+		mode = 0o666
+		if err := searchableByAll(dir); err != nil {
+			ul.Close()
+			return fail(err)
+		}
+	}
+	if err := os.Chmod(bound, mode); err != nil {
 		ul.Close()
 		return fail(err)
 	}
@@ -132,7 +149,8 @@ func ListenWith(path string, opts ListenOptions) (*Listener, error) {
 		}
 		return fail(err)
 	}
-	l := &Listener{ul: ul, path: path, file: fi, allowed: allowUIDs(opts.AllowUIDs), allow: describeUIDs(opts.AllowUIDs)}
+	l := &Listener{ul: ul, path: path, file: fi, allowed: allowUIDs(opts.AllowUIDs), allow: describeUIDs(opts.AllowUIDs),
+		pushers: pushers{uids: opts.PushUIDs, gids: opts.PushGIDs, groupsOf: procGroups}, credOf: peerCred}
 	if opts.Logger != nil {
 		l.log.Store(opts.Logger)
 	}
@@ -190,14 +208,21 @@ func (l *Listener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		cred, err := peerCred(c)
+		cred, err := l.credOf(c)
 		if err != nil {
 			l.logger().Warn("control socket: closed a connection whose peer is unknown", "socket", l.path, "err", err)
 			c.Close()
 			continue
 		}
 		if l.allowed(cred.Uid) {
-			return c, nil
+			return &peerConn{UnixConn: c, peer: Peer{Cred: *cred}}, nil
+		}
+		ok, err := l.pushers.may(cred)
+		if err != nil {
+			l.logger().Warn("control socket: could not read a peer's groups", "socket", l.path, "pid", cred.Pid, "uid", cred.Uid, "err", err)
+		}
+		if ok {
+			return &peerConn{UnixConn: c, peer: Peer{Cred: *cred, PushOnly: true}}, nil
 		}
 		go l.refuse(c, cred)
 	}
@@ -230,7 +255,7 @@ func (l *Listener) refuse(c *net.UnixConn, cred *unix.Ucred) {
 	}
 	io.Copy(io.Discard, req.Body) // so that closing does not reset the connection under the answer
 	body, _ := json.Marshal(errorAnswer{ErrorBody{Code: CodeForbidden, Message: fmt.Sprintf(
-		"permission denied on the control socket %s: uid %d may not drive this daemon (only %s may)", l.path, cred.Uid, l.allow)}})
+		"permission denied on the control socket %s: uid %d may not drive this daemon (only %s may%s)", l.path, cred.Uid, l.allow, l.pushers.describe())}})
 	resp := &http.Response{StatusCode: http.StatusForbidden, ProtoMajor: 1, ProtoMinor: 1, Request: req, Close: true,
 		Header:        http.Header{"Content-Type": {"application/json"}},
 		ContentLength: int64(len(body)), Body: io.NopCloser(bytes.NewReader(body))}
@@ -267,6 +292,15 @@ func Serve(ctx context.Context, l net.Listener, h http.Handler, log *slog.Logger
 		cl.log.CompareAndSwap(nil, log) // refused peers are logged with the rest
 	}
 	s := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	if cl, ok := l.(*Listener); ok {
+		s.Handler = cl.guard(h)
+		s.ConnContext = func(ctx context.Context, c net.Conn) context.Context {
+			if pc, ok := c.(*peerConn); ok {
+				return context.WithValue(ctx, peerKey{}, pc.peer)
+			}
+			return ctx
+		}
+	}
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

@@ -37,6 +37,7 @@ type Model struct {
 type List struct {
 	Models   []Model   `json:"models"`
 	Draining []Version `json:"draining"`
+	Pushes   []Push    `json:"pushes"` // staged, not committed yet
 }
 
 // Host is host memory.
@@ -89,6 +90,7 @@ type Status struct {
 	Models   []Model   `json:"models"`
 	Draining []Version `json:"draining"`
 	Loads    []Load    `json:"loads"`
+	Pushes   []Push    `json:"pushes"`
 }
 
 // LoadRequest is the body of POST /v1/load.
@@ -102,9 +104,11 @@ type CancelRequest struct {
 	Name string `json:"name"`
 }
 
-// Cancelled answers POST /v1/cancel: the loads it cancelled.
+// Cancelled answers POST /v1/cancel: the loads and the staged push it
+// cancelled.
 type Cancelled struct {
 	Cancelled []Load `json:"cancelled"`
+	Pushes    []Push `json:"pushes,omitempty"`
 }
 
 // VersionRequest is the body of POST /v1/unload, POST /v1/rollback and

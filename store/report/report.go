@@ -42,12 +42,31 @@ func RolledBack(w io.Writer, v *control.Version) {
 	fmt.Fprintf(w, "%s -> %s\n", v.Model, v.Name)
 }
 
-// Cancelled is one line per load cancelled.
-func Cancelled(w io.Writer, loads []control.Load) {
-	for _, l := range loads {
+// Cancelled is one line per load and push cancelled.
+func Cancelled(w io.Writer, out *control.Cancelled) {
+	for _, l := range out.Cancelled {
 		fmt.Fprintf(w, "cancelled the load of %s from %s (%s of %s copied)\n", l.Name, l.Source,
 			store.HumanBytes(l.Done), store.HumanBytes(l.Total))
 	}
+	for _, p := range out.Pushes {
+		fmt.Fprintf(w, "cancelled the push of %s by %s (%s of %s written)\n", p.Name, p.Writer,
+			store.HumanBytes(p.Done), store.HumanBytes(p.Total))
+	}
+}
+
+// Pushes is the staged pushes, after the versions, when there are any.
+func Pushes(w io.Writer, pushes []control.Push) {
+	if len(pushes) == 0 {
+		return
+	}
+	fmt.Fprintln(w, "\nstaged pushes:")
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "MODEL\tWRITER\tWRITTEN\tTENSORS\tSTARTED")
+	for _, p := range pushes {
+		fmt.Fprintf(tw, "%s\t%s\t%s of %s\t%d of %d\t%s\n", p.Name, p.Writer, store.HumanBytes(p.Done),
+			store.HumanBytes(p.Total), p.TensorsWritten, p.Tensors, p.Started)
+	}
+	tw.Flush()
 }
 
 // Interrupted is what `weightfs load` says when it stops waiting for a load
@@ -100,6 +119,7 @@ func Status(w io.Writer, st *control.Status) {
 	fmt.Fprintf(w, "reads reaching the daemon: %d; GPU handle requests: %d (%d refused)\n\n",
 		st.DaemonReads, st.HandleRequests, st.HandleDenials)
 	Versions(w, st.Models, st.Draining)
+	Pushes(w, st.Pushes)
 	for _, l := range st.Loads {
 		fmt.Fprintf(w, "loading %s from %s: %s of %s\n", l.Name, l.Source, store.HumanBytes(l.Done), store.HumanBytes(l.Total))
 	}
