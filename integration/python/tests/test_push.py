@@ -26,8 +26,9 @@ import unittest
 from typing import Any, Callable, Optional
 from unittest import mock
 
-from stfiles import build  # noqa: F401  (puts the package on sys.path)
+from stfiles import build, f32  # also puts the package on sys.path
 
+import mountd
 import weightfs
 from weightfs.manifest import read_header
 
@@ -219,10 +220,6 @@ class FakeDaemon:
             scratch.close()
 
 
-def f32(*xs: float) -> bytes:
-    return struct.pack(f"<{len(xs)}f", *xs)
-
-
 # --------------------------------------------------------------------------------------------
 
 
@@ -362,6 +359,7 @@ class TestWithFakeDaemon(unittest.TestCase):
             ({"w": ("F32", [1], 3.0)}, TypeError, "'w': data must be bytes-like"),
             ({"w": ("F4", [3], b"xx")}, ValueError, "'w': 3 elements of F4 are 12 bits"),
             ({}, ValueError, "at least one tensor"),
+            ({"w": ("F32", [1])}, TypeError, "'w': (dtype, shape) without data"),
         ]
         for tensors, exc, msg in bad:
             with self.subTest(msg=msg):
@@ -520,16 +518,13 @@ class TestOnRealDaemon(unittest.TestCase):
         os.mkdir(cls.mnt)
         os.chmod(cls.tmp, 0o700)
         cls.sock = os.path.join(cls.tmp, "control.sock")
-        cls.log = open(os.path.join(cls.tmp, "daemon.log"), "w")
-        cls.daemon = subprocess.Popen(
-            [_bin(), "--socket", cls.sock, "--log-format", "json", "mount", cls.mnt],
-            stdout=subprocess.DEVNULL, stderr=cls.log)
-        deadline = time.monotonic() + 60
-        while not os.path.isdir(os.path.join(cls.mnt, ".weightfs", "versions")):
-            if cls.daemon.poll() is not None or time.monotonic() > deadline:
-                cls.tearDownClass()
-                raise RuntimeError("the daemon did not mount: " + cls.daemon_log())
-            time.sleep(0.05)
+        try:
+            cls.daemon = mountd.start(
+                _bin(), cls.sock, cls.mnt, os.path.join(cls.tmp, "daemon.log"),
+                ready=lambda: os.path.isdir(os.path.join(cls.mnt, ".weightfs", "versions")))
+        except BaseException:
+            shutil.rmtree(cls.tmp, ignore_errors=True)
+            raise
         try:
             weightfs.push("probe", {"p": ("U8", [1], b"\x01")}, socket=cls.sock)
         except weightfs.PushError as e:
@@ -539,20 +534,8 @@ class TestOnRealDaemon(unittest.TestCase):
             raise
 
     @classmethod
-    def daemon_log(cls) -> str:
-        with open(os.path.join(cls.tmp, "daemon.log")) as f:
-            return f.read()
-
-    @classmethod
     def tearDownClass(cls):
-        if cls.daemon.poll() is None:
-            cls.daemon.send_signal(signal.SIGTERM)
-            try:
-                cls.daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                cls.daemon.kill()
-                cls.daemon.wait()
-        cls.log.close()
+        mountd.stop(cls.daemon)
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def versions(self, name: str) -> list[int]:

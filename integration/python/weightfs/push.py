@@ -327,6 +327,9 @@ def _check_data(e: _Entry, value: Any) -> Any:
         if getattr(value, "is_meta", False):
             raise ValueError(f"tensor {e.name!r} is on the meta device: it has no data to push")
         return value
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        raise TypeError(f"tensor {e.name!r}: (dtype, shape) without data; write a tensor, "
+                        "bytes, or (dtype, shape, data)")
     if isinstance(value, (tuple, list)) and len(value) == 3:
         dtype, shape = _st_dtype(value[0], e.name), tuple(value[1])
         if (dtype, shape) != (e.dtype, e.shape):
