@@ -6,8 +6,19 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from typing import Callable, Sequence
+
+
+def workdir(prefix: str) -> tuple[str, str, str]:
+    """A fresh folder (0700: the daemon refuses a socket folder others can write) holding the
+    mount point ``mnt`` and the socket's path: ``(folder, mnt, sock)``."""
+    tmp = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(tmp, 0o700)
+    mnt = os.path.join(tmp, "mnt")
+    os.mkdir(mnt)
+    return tmp, mnt, os.path.join(tmp, "control.sock")
 
 
 def start(binary: str, sock: str, mnt: str, log_path: str, args: Sequence[str] = (),

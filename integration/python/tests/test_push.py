@@ -513,11 +513,7 @@ _KILLED_WRITER = textwrap.dedent("""
 class TestOnRealDaemon(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.tmp = tempfile.mkdtemp(prefix="weightfs-push-")
-        cls.mnt = os.path.join(cls.tmp, "mnt")
-        os.mkdir(cls.mnt)
-        os.chmod(cls.tmp, 0o700)
-        cls.sock = os.path.join(cls.tmp, "control.sock")
+        cls.tmp, cls.mnt, cls.sock = mountd.workdir("weightfs-push-")
         try:
             cls.daemon = mountd.start(
                 _bin(), cls.sock, cls.mnt, os.path.join(cls.tmp, "daemon.log"),

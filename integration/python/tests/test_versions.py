@@ -68,12 +68,9 @@ def _skip_reason():
 class TestOnMount(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.tmp = tempfile.mkdtemp(prefix="weightfs-py-")
+        cls.tmp, cls.mnt, cls.sock = mountd.workdir("weightfs-py-")
         cls.bin = os.path.join(cls.tmp, "weightfs")
         subprocess.run(["go", "build", "-o", cls.bin, "./cmd/weightfs"], cwd=REPO, check=True)
-        cls.mnt = os.path.join(cls.tmp, "mnt")
-        os.mkdir(cls.mnt)
-        cls.sock = os.path.join(cls.tmp, "control.sock")
         cls.models = os.path.join(cls.tmp, "models")
         _write_model(os.path.join(cls.models, "v1"), 1.0)
         try:
