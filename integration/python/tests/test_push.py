@@ -399,9 +399,40 @@ class TestWithFakeDaemon(unittest.TestCase):
         self.assertEqual(p.version, 1)
         s = self.last(d)
         self.assertEqual(s.received["y"], bytes(range(200)))
+        self.assertEqual(p.done, 316)
         self.assertEqual(s.end, "commit")
         with self.assertRaisesRegex(RuntimeError, "committed"):
             p.write("x", b"")
+
+    def test_torch_like_tensors_give_the_manifest(self):
+        class Dtype:
+            def __init__(self, name):
+                self.name = name
+
+            def __str__(self):
+                return "torch." + self.name
+
+        class FakeTensor:  # what the manifest reads of a torch tensor, without torch
+            def __init__(self, dtype, shape):
+                self.dtype, self.shape, self.is_meta = Dtype(dtype), shape, True
+
+            def data_ptr(self):
+                return 0
+
+        d = self.daemon()
+        sd = {"w": FakeTensor("bfloat16", (2, 3)), "s": FakeTensor("float8_e4m3fn", ()),
+              "m": FakeTensor("bool", (4,))}
+        p = weightfs.Push("policy", sd, socket=d.path)
+        self.addCleanup(p.abort)
+        self.assertEqual([(t["name"], t["dtype"], t["shape"]) for t in p.staged["tensors"]],
+                         [("w", "BF16", [2, 3]), ("s", "F8_E4M3", []), ("m", "BOOL", [4])])
+        with self.assertRaisesRegex(ValueError, "'w': F16 \\[2, 3\\] given, the manifest says "
+                                                "BF16 \\[2, 3\\]"):
+            p.write("w", FakeTensor("float16", (2, 3)))
+        with self.assertRaisesRegex(ValueError, "'w' is on the meta device"):
+            p.write("w", sd["w"])
+        with self.assertRaisesRegex(ValueError, "'x': torch.complex32 has no safetensors dtype"):
+            weightfs.Push("policy", {"x": FakeTensor("complex32", (1,))}, socket=d.path)
 
     def test_exception_in_block_aborts(self):
         d = self.daemon()

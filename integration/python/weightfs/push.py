@@ -420,6 +420,9 @@ class Push:
     version keeps the same files and headers. ``files``: non-weight files (``config.json`` ->
     str or bytes) that replace the base version's.
 
+    ``p.staged`` is the daemon's staged message (``base``, ``same_layout``, ``files``, …);
+    ``p.done`` the tensor bytes it has confirmed so far.
+
     Used as a context manager, leaving the block commits (``p.version`` is then the new
     version's number) and an exception aborts, with the exception's repr as the reason, and
     propagates. ``commit()`` and ``abort(reason)`` may be called explicitly. Not thread-safe.
@@ -430,6 +433,8 @@ class Push:
                  timeout: Optional[float] = None):
         self.name = name
         self.version: Optional[int] = None
+        #: tensor bytes the daemon has confirmed written (its last ``done``)
+        self.done = 0
         self.socket = socket or default_socket()
         self._open = False
         self._entries = (_manifest(manifest) if manifest is not None
@@ -651,6 +656,8 @@ class Push:
             self._answered += 1
             if "error" in ans:
                 raise PushError.from_answer(ans, 0, f"push {self.name}: ")
+            if isinstance(ans.get("done"), int):
+                self.done = ans["done"]
         return ans
 
     # ---- ending
