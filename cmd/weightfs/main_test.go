@@ -116,6 +116,11 @@ func TestUsageErrors(t *testing.T) {
 		{[]string{"mount", dir, "--host-memory", "1000Ti"}, "more than the machine's RAM"},
 		{[]string{"mount", dir, "--gpu-memory", "10Gi"}, "--gpu-memory needs --gpu"},
 		{[]string{"mount", dir, "--memory-reserve", "lots"}, "--memory-reserve"},
+		{[]string{"mount", dir, "--push-timeout", "-1s"}, "--push-timeout -1s: want a duration of 0"},
+		{[]string{"mount", dir, "--push-timeout", "soon"}, "--push-timeout"},
+		{[]string{"mount", dir, "--push-allow-uid", "-1"}, "--push-allow-uid"},
+		{[]string{"mount", dir, "--push-allow-uid", "4294967295"}, "--push-allow-uid 4294967295: want a uid or gid below"},
+		{[]string{"mount", dir, "--push-allow-gid", "x"}, "--push-allow-gid"},
 	}
 	for _, c := range cases {
 		stdout, stderr, code := weightfs(t, c.args...)

@@ -28,6 +28,7 @@ type mountFlags struct {
 	allowUIDs, allowGIDs            []uint
 	metrics                         string
 	store                           store.Config
+	push                            pushFlags
 }
 
 func (a *app) mountCommand() *cobra.Command {
@@ -56,6 +57,7 @@ Sizes: bytes, Ki/Mi/Gi/Ti (or KiB…TiB, K…T: binary), KB…TB (decimal), or a
 	fl.IntVar(&f.store.KeepVersions, "keep-versions", store.DefaultKeepVersions, "versions of each model kept when one is committed, the current one always among them; older ones are unloaded (0: keep all)")
 	fl.StringVar(&f.metrics, "metrics-addr", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9464)")
 	fl.BoolVar(&f.debug, "debug", false, "log every FUSE request")
+	f.push.register(fl)
 	return c
 }
 
@@ -67,6 +69,10 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 	models, err := store.ParseModelSpecs(f.models, taken...)
 	if err != nil {
 		return usagef("--model %v", err)
+	}
+	listenOpts, err := f.push.listen()
+	if err != nil {
+		return err
 	}
 	if err := store.CheckDir(mountpoint); err != nil && !errors.Is(err, syscall.ENOTCONN) {
 		return usagef("mount point %v", err)
@@ -97,7 +103,7 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 			allow[i] = append(allow[i], uint32(id))
 		}
 	}
-	controlListener, err := control.Listen(a.socket)
+	controlListener, err := control.ListenWith(a.socket, listenOpts)
 	if err != nil {
 		return err
 	}
@@ -113,7 +119,8 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 	defer cancel()
 	procMem, closeMonitor := store.ProcessMemory(st.GPUs(), log)
 	defer closeMonitor()
-	ctl := control.NewServer(st, control.Options{Logger: log, Version: version, GPUProcessBytes: procMem, Context: ctx})
+	ctl := control.NewServer(st, control.Options{Logger: log, Version: version, GPUProcessBytes: procMem, Context: ctx,
+		PushTimeout: f.push.timeout})
 	srv, err := wfs.Mount(mountpoint, st, wfs.Options{
 		ForceCached: f.cached, AllowOther: f.allowOther, Logger: log, Debug: f.debug, AllowUIDs: allow[0], AllowGIDs: allow[1],
 		Status: wfs.StatusFunc(func() any { return ctl.Status() }),

@@ -138,6 +138,18 @@ func checkVersion(t *testing.T, st *store.Store, name string, number int, data m
 	return v
 }
 
+// push stages a push of testManifest as m; the session closes at the end
+// of the test.
+func (h *pushHarness) push(t *testing.T) *PushSession {
+	t.Helper()
+	p, err := h.c.Push(context.Background(), "m", testManifest(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return p
+}
+
 // checkFreed: no push staged, nothing reserved, no host memory taken.
 func (h *pushHarness) checkFreed(t *testing.T) {
 	t.Helper()
@@ -146,6 +158,9 @@ func (h *pushHarness) checkFreed(t *testing.T) {
 	}
 	if u := h.st.Usage(); u.HostReserved != 0 || u.HostBytes != 0 {
 		t.Errorf("after the abort: %d bytes reserved, %d taken", u.HostReserved, u.HostBytes)
+	}
+	if h.st.Model("m") != nil {
+		t.Error("an aborted push left a model")
 	}
 	if h.fake != nil && len(h.fake.Allocations()) != 0 {
 		t.Errorf("GPU allocations left: %v", h.fake.Allocations())
@@ -197,11 +212,7 @@ func TestPushThroughScratch(t *testing.T) {
 	}
 
 	// The same tensors again: the same layout, based on m@1.
-	p2, err := h.c.Push(ctx, "m", testManifest(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p2.Close()
+	p2 := h.push(t)
 	if s2 := p2.Staged(); s2.Base != 1 || !s2.SameLayout {
 		t.Errorf("second push: base %d, same layout %v", s2.Base, s2.SameLayout)
 	}
@@ -220,11 +231,7 @@ func TestPushThroughScratch(t *testing.T) {
 
 func TestPushWrittenOnGPU(t *testing.T) {
 	h := newPushHarness(t, 2, ListenOptions{}, nil, nil)
-	p, err := h.c.Push(context.Background(), "m", testManifest(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := h.push(t)
 	s := p.Staged()
 	if len(s.Files) != 1 || len(s.Files[0].Replicas) != 2 {
 		t.Fatalf("staged files %+v", s.Files)
@@ -268,11 +275,7 @@ func TestPushWrittenOnGPU(t *testing.T) {
 func TestPushRefusals(t *testing.T) {
 	h := newPushHarness(t, 1, ListenOptions{}, nil, nil)
 	ctx := context.Background()
-	p, err := h.c.Push(ctx, "m", testManifest(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := h.push(t)
 	data := tensorData(p.Staged(), 4)
 	gpu := p.Staged().Files[0].Replicas[0].GPU
 	invalid := func(what string, err error, want string) {
@@ -293,7 +296,7 @@ func TestPushRefusals(t *testing.T) {
 	invalid("unknown tensor", p.WriteScratch(PushWrite{Name: "nope", At: 0}), `"nope" is not in the manifest`)
 	invalid("unknown GPU", p.Written("GPU-nope", "head"), "GPU-nope")
 	invalid("no tensors", p.Written(gpu), `"written" needs "tensors"`)
-	_, err = p.call(PushOp{Op: "fly"})
+	_, err := p.call(PushOp{Op: "fly"})
 	invalid("unknown op", err, `unknown op "fly"`)
 	_, err = p.Commit()
 	invalid("an incomplete commit", err, `commit: 2 of 3 tensors not written: "embed", "head"`)
@@ -328,12 +331,8 @@ func TestPushRefusals(t *testing.T) {
 
 func TestPushOnePerName(t *testing.T) {
 	h := newPushHarness(t, 0, ListenOptions{}, nil, nil)
-	p, err := h.c.Push(context.Background(), "m", testManifest(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
-	_, err = h.c.Push(context.Background(), "m", testManifest(), nil)
+	p := h.push(t)
+	_, err := h.c.Push(context.Background(), "m", testManifest(), nil)
 	var e *Error
 	if !errors.As(err, &e) || e.Status != 409 || e.Code != CodeBusy ||
 		!strings.Contains(err.Error(), fmt.Sprintf("a push is in progress by pid %d (uid %d)", os.Getpid(), os.Geteuid())) {
@@ -348,10 +347,7 @@ func TestPushOnePerName(t *testing.T) {
 
 func TestPushWriterCloses(t *testing.T) {
 	h := newPushHarness(t, 1, ListenOptions{}, nil, nil)
-	p, err := h.c.Push(context.Background(), "m", testManifest(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	p := h.push(t)
 	data := tensorData(p.Staged(), 5)
 	if err := p.WriteHost("head", data["head"]); err != nil {
 		t.Fatal(err)
@@ -359,9 +355,6 @@ func TestPushWriterCloses(t *testing.T) {
 	p.Close()
 	<-h.ended
 	h.checkFreed(t)
-	if h.st.Model("m") != nil {
-		t.Error("an aborted push left a model")
-	}
 	if got := testutilCount(h, "aborted"); got != 1 {
 		t.Errorf("pushes{result=aborted} = %v", got)
 	}
@@ -412,19 +405,12 @@ func TestPushWriterKilled(t *testing.T) {
 	cmd.Wait()
 	<-h.ended
 	h.checkFreed(t)
-	if h.st.Model("m") != nil {
-		t.Error("a killed writer's push is visible")
-	}
 }
 
 func TestPushCancelAndTimeout(t *testing.T) {
 	h := newPushHarness(t, 1, ListenOptions{}, nil, nil)
 	ctx := context.Background()
-	p, err := h.c.Push(ctx, "m", testManifest(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	p := h.push(t)
 	out, err := h.c.Cancel(ctx, "m")
 	if err != nil || len(out.Pushes) != 1 || out.Pushes[0].PID != int32(os.Getpid()) || len(out.Cancelled) != 0 {
 		t.Fatalf("cancel: %+v %v", out, err)
@@ -439,11 +425,7 @@ func TestPushCancelAndTimeout(t *testing.T) {
 	}
 
 	h.srv.pushTimeout = 1 // a nanosecond: over before the first line
-	p2, err := h.c.Push(ctx, "m", testManifest(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p2.Close()
+	p2 := h.push(t)
 	<-h.ended
 	h.checkFreed(t)
 	if err := p2.Written("x", "norm"); !errors.Is(err, context.Canceled) || !strings.Contains(err.Error(), "push timeout") {
@@ -457,11 +439,7 @@ func TestPushCancelAndTimeout(t *testing.T) {
 func TestPushDaemonStops(t *testing.T) {
 	ctx, stop := context.WithCancel(context.Background())
 	h := newPushHarness(t, 0, ListenOptions{}, nil, ctx)
-	p, err := h.c.Push(context.Background(), "m", testManifest(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
+	h.push(t)
 	stop()
 	<-h.ended
 	h.checkFreed(t)

@@ -112,3 +112,23 @@ func TestServed(t *testing.T) {
 		t.Errorf("Served = %q", got)
 	}
 }
+
+func TestPushes(t *testing.T) {
+	var b strings.Builder
+	report.Pushes(&b, nil)
+	if b.String() != "" {
+		t.Errorf("no pushes printed %q", b.String())
+	}
+	report.Pushes(&b, []control.Push{{Name: "policy", Writer: "pid 4242 (uid 1000)", PID: 4242, UID: 1000,
+		Started: "2026-12-02T10:00:00Z", Done: 1 << 30, Total: 2 << 30, Tensors: 399, TensorsWritten: 180}})
+	for _, want := range []string{"staged pushes:", "policy", "pid 4242 (uid 1000)", "1.0 GiB of 2.0 GiB", "180 of 399"} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("pushes %q lack %q", b.String(), want)
+		}
+	}
+	b.Reset()
+	report.Cancelled(&b, &control.Cancelled{Pushes: []control.Push{{Name: "policy", Writer: "pid 7 (uid 0)", Done: 0, Total: 1 << 20}}})
+	if want := "cancelled the push of policy by pid 7 (uid 0) (0 B of 1.0 MiB written)\n"; b.String() != want {
+		t.Errorf("cancelled %q, want %q", b.String(), want)
+	}
+}
