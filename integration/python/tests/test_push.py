@@ -679,6 +679,87 @@ class TestOnRealDaemon(unittest.TestCase):
         self.assertEqual(self.read_folder(os.path.join(self.mnt, f"killed@{n}"))["w"][2],
                          bytes([9]) * 4096)
 
+    def test_cancel_aborts(self):
+        p = weightfs.Push("cancelled", [("a", "F32", [1]), ("b", "F32", [1])], socket=self.sock)
+        p.write("a", f32(1))
+        subprocess.run([_bin(), "--socket", self.sock, "cancel", "cancelled"], check=True,
+                       capture_output=True)
+        with self.assertRaises(weightfs.PushError) as cm:
+            p.write("b", f32(2))
+            p.commit()
+        self.assertIn(cm.exception.code, ("cancelled", "closed"), cm.exception)
+        self.assertFalse(os.path.lexists(os.path.join(self.mnt, "cancelled")))
+        self.assertEqual(self.versions("cancelled"), [])
+
+
+_AS_USER = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, sys.argv[3])
+    import weightfs
+    try:
+        print(weightfs.push(sys.argv[1], {"w": ("U8", [3], b"abc")}, socket=sys.argv[2]))
+    except weightfs.PushError as e:
+        print(e.code, e.message)
+""")
+
+
+def _world_python() -> Optional[str]:
+    """An interpreter that any uid may run (pyenv's under /root is not)."""
+    for cand in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        path = os.path.realpath(cand)
+        parts = path.split(os.sep)
+        dirs = [os.sep.join(parts[:i]) or os.sep for i in range(1, len(parts))]
+        try:
+            if (all(os.stat(d).st_mode & 0o001 for d in dirs) and os.stat(path).st_mode & 0o001
+                    and sys.version_info[:2] >= (3, 10)):
+                return path
+        except OSError:
+            continue
+    return None
+
+
+@unittest.skipIf(_skip_reason() is not None, _skip_reason() or "")
+@unittest.skipIf(_world_python() is None, "skipping: no Python interpreter other uids may run")
+class TestPushAllowUID(unittest.TestCase):
+    """--push-allow-uid: that uid may push and do nothing else; another is refused, verbatim."""
+
+    def test_allowed_and_refused(self):
+        tmp, mnt, sock = mountd.workdir("weightfs-allow-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        pkg = os.path.join(tmp, "pkg")  # a copy the other uids can read
+        shutil.copytree(os.path.join(PKG, "weightfs"), os.path.join(pkg, "weightfs"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for root, dirs, files in os.walk(pkg):
+            os.chmod(root, 0o755)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o644)
+        try:
+            daemon = mountd.start(_bin(), sock, mnt, os.path.join(tmp, "daemon.log"),
+                                  ["--push-allow-uid", "65534"], ready=lambda: os.path.isdir(
+                                      os.path.join(mnt, ".weightfs", "versions")))
+        except RuntimeError as e:
+            if "unknown flag" in str(e):
+                self.skipTest(f"skipping: this daemon has no --push-allow-uid ({e})")
+            raise
+        self.addCleanup(mountd.stop, daemon)
+
+        def as_uid(uid: int) -> str:
+            return subprocess.run(
+                [_world_python(), "-c", _AS_USER, "shared", sock, pkg], capture_output=True,
+                text=True, timeout=60, user=uid, group=uid, extra_groups=[],
+                env={"PATH": os.environ.get("PATH", ""), "PYTHONDONTWRITEBYTECODE": "1"},
+            ).stdout.strip()
+
+        n = as_uid(65534)
+        self.assertTrue(n.isdigit(), n)
+        with open(os.path.join(mnt, f"shared@{n}", "model.safetensors"), "rb") as f:
+            h = read_header(f)
+            f.seek(h.data_offset)
+            self.assertEqual(f.read(3), b"abc")
+        refused = as_uid(65533)
+        self.assertTrue(refused.startswith("forbidden permission denied on the control socket "),
+                        refused)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -45,6 +45,9 @@ SCRATCH_ALIGN = 64
 #: A ``write`` line is sent before its JSON would reach this size, far below MAX_LINE.
 _BATCH_LINE_BYTES = 4 << 20
 
+#: Error codes after which the daemon has dropped the push (a timeout, a cancel, a close).
+_PUSH_ENDED = ("cancelled", "closed")
+
 _ST_DTYPE_OF_TORCH = {v: k for k, v in TORCH_DTYPE_NAMES.items() if v is not None}
 
 Shape = Sequence[int]
@@ -536,12 +539,17 @@ class Push:
         if name in self._written:
             raise ValueError(f"push {self.name}: tensor {name!r} was already written")
         data = _check_data(e, tensor)
-        if isinstance(data, memoryview):
-            self._to_scratch(e, lambda region: region.__setitem__(slice(None), data))
-        elif data.is_cuda and e.nbytes and self._write_cuda(e, data):
-            pass
-        else:
-            self._to_scratch(e, lambda region: self._copy_torch(region, data))
+        try:
+            if isinstance(data, memoryview):
+                self._to_scratch(e, lambda region: region.__setitem__(slice(None), data))
+            elif data.is_cuda and e.nbytes and self._write_cuda(e, data):
+                pass
+            else:
+                self._to_scratch(e, lambda region: self._copy_torch(region, data))
+        except PushError as err:
+            if err.code in _PUSH_ENDED:  # the daemon ended it: let go of the connection too
+                self.abort(repr(err))
+            raise
         self._written.add(name)
 
     @staticmethod
