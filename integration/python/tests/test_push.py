@@ -704,6 +704,20 @@ _AS_USER = textwrap.dedent("""
 """)
 
 
+def _own_daemon(test: unittest.TestCase, tmp: str, mnt: str, sock: str, args: list) -> None:
+    """A daemon with flags of its own for one test, stopped at its end; the test is skipped
+    when the binary predates the flags."""
+    try:
+        daemon = mountd.start(_bin(), sock, mnt, os.path.join(tmp, "daemon.log"), args,
+                              ready=lambda: os.path.isdir(os.path.join(mnt, ".weightfs",
+                                                                       "versions")))
+    except RuntimeError as e:
+        if "unknown flag" in str(e):
+            test.skipTest(f"skipping: this daemon has no {args[0]} ({e})")
+        raise
+    test.addCleanup(mountd.stop, daemon)
+
+
 def _world_python() -> Optional[str]:
     """An interpreter that any uid may run (pyenv's under /root is not)."""
     for cand in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
@@ -734,15 +748,7 @@ class TestPushAllowUID(unittest.TestCase):
             os.chmod(root, 0o755)
             for f in files:
                 os.chmod(os.path.join(root, f), 0o644)
-        try:
-            daemon = mountd.start(_bin(), sock, mnt, os.path.join(tmp, "daemon.log"),
-                                  ["--push-allow-uid", "65534"], ready=lambda: os.path.isdir(
-                                      os.path.join(mnt, ".weightfs", "versions")))
-        except RuntimeError as e:
-            if "unknown flag" in str(e):
-                self.skipTest(f"skipping: this daemon has no --push-allow-uid ({e})")
-            raise
-        self.addCleanup(mountd.stop, daemon)
+        _own_daemon(self, tmp, mnt, sock, ["--push-allow-uid", "65534"])
 
         def as_uid(uid: int) -> str:
             return subprocess.run(
@@ -767,10 +773,7 @@ class TestPushTimeout(unittest.TestCase):
     def test_timeout_aborts(self):
         tmp, mnt, sock = mountd.workdir("weightfs-timeout-")
         self.addCleanup(shutil.rmtree, tmp, True)
-        daemon = mountd.start(_bin(), sock, mnt, os.path.join(tmp, "daemon.log"),
-                              ["--push-timeout", "1s"], ready=lambda: os.path.isdir(
-                                  os.path.join(mnt, ".weightfs", "versions")))
-        self.addCleanup(mountd.stop, daemon)
+        _own_daemon(self, tmp, mnt, sock, ["--push-timeout", "1s"])
         p = weightfs.Push("slow", [("a", "F32", [1])], socket=sock)
         self.assertEqual(p.staged["timeout_seconds"], 1)
         time.sleep(1.5)
