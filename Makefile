@@ -36,7 +36,7 @@ lint:
 test-go:
 	$(GO) test $(GOFLAGS) -count=1 -timeout 40m ./...
 
-test-python:
+test-python: build
 	python3 -m unittest discover -s integration/python/tests -v
 
 ## bench: side-by-side throughput of the mount against tmpfs (prints ratios).

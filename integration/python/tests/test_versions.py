@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -16,6 +15,7 @@ import unittest
 import stfiles
 from stfiles import build, f32
 
+import mountd
 import weightfs
 from weightfs import versions as wv
 
@@ -68,38 +68,23 @@ def _skip_reason():
 class TestOnMount(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.tmp = tempfile.mkdtemp(prefix="weightfs-py-")
+        cls.tmp, cls.mnt, cls.sock = mountd.workdir("weightfs-py-")
         cls.bin = os.path.join(cls.tmp, "weightfs")
         subprocess.run(["go", "build", "-o", cls.bin, "./cmd/weightfs"], cwd=REPO, check=True)
-        cls.mnt = os.path.join(cls.tmp, "mnt")
-        os.mkdir(cls.mnt)
-        cls.sock = os.path.join(cls.tmp, "control.sock")
         cls.models = os.path.join(cls.tmp, "models")
         _write_model(os.path.join(cls.models, "v1"), 1.0)
-        cls.log = open(os.path.join(cls.tmp, "daemon.log"), "w")
-        cls.daemon = subprocess.Popen(
-            [cls.bin, "--socket", cls.sock, "--log-format", "json", "mount", cls.mnt,
-             "--model", "policy=" + os.path.join(cls.models, "v1")],
-            stdout=subprocess.DEVNULL, stderr=cls.log)
-        deadline = time.monotonic() + 60
-        while not os.path.exists(os.path.join(cls.mnt, "policy")):
-            if cls.daemon.poll() is not None or time.monotonic() > deadline:
-                with open(os.path.join(cls.tmp, "daemon.log")) as f:
-                    log = f.read()
-                cls.tearDownClass()
-                raise RuntimeError("the daemon did not mount: " + log)
-            time.sleep(0.05)
+        try:
+            cls.daemon = mountd.start(
+                cls.bin, cls.sock, cls.mnt, os.path.join(cls.tmp, "daemon.log"),
+                ["--model", "policy=" + os.path.join(cls.models, "v1")],
+                ready=lambda: os.path.exists(os.path.join(cls.mnt, "policy")))
+        except BaseException:
+            shutil.rmtree(cls.tmp, ignore_errors=True)
+            raise
 
     @classmethod
     def tearDownClass(cls):
-        if cls.daemon.poll() is None:
-            cls.daemon.send_signal(signal.SIGTERM)
-            try:
-                cls.daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                cls.daemon.kill()
-                cls.daemon.wait()
-        cls.log.close()
+        mountd.stop(cls.daemon)
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def cli(self, *args):

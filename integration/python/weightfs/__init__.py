@@ -6,6 +6,12 @@ the standard library. ``load_file``, ``state_dict``, ``load_model`` and ``gpu_po
 import torch when called. ``wait_version`` and ``watch`` (stdlib) hear of a model's new versions;
 ``update_model`` (torch) switches a loaded model to one in place, ``resolve_version`` (stdlib)
 tells which version folder a path names.
+
+``push`` and ``Push`` (stdlib; torch only for torch tensors) write a new version of a model from
+a trainer's memory through the control socket (docs/PROTOCOL.md §8): CUDA tensors straight into
+the daemon's staged GPU slabs, CPU bytes through a shared scratch; the version becomes visible
+atomically at the commit, and nothing does on any failure. The daemon's refusals raise
+``PushError`` (a ``DaemonError``, a ``WeightfsError``) with its ``code`` and ``message``.
 """
 
 from .manifest import (
@@ -31,6 +37,8 @@ from .manifest import (
     slab_size,
     torch_dtype_name,
 )
+from .errors import DaemonError, DaemonUnreachableError, WeightfsError
+from .push import Push, PushError, default_socket, push
 from .update import ModelMismatchError
 from .versions import (
     ModelGoneError,
@@ -62,19 +70,26 @@ __all__ = [
     "HeaderError",
     "Manifest",
     "ManifestError",
+    "DaemonError",
+    "DaemonUnreachableError",
     "ModelGoneError",
     "ModelMismatchError",
     "ModelVersion",
     "NotOnMountError",
+    "Push",
+    "PushError",
     "Replica",
     "SlabEntry",
     "TensorInfo",
     "UnsupportedDtypeError",
+    "WeightfsError",
+    "default_socket",
     "gpu_pointer_ranges",
     "load_file",
     "load_model",
     "parse_cuda_manifest",
     "parse_header",
+    "push",
     "read_cuda_manifest",
     "read_header",
     "resolve_version",
