@@ -58,12 +58,16 @@ func writeAll(t *testing.T, st *Staged, data map[string][]byte) {
 	}
 }
 
-// checkPushed reads a committed version back: every weights file parses with
-// the strict parser and holds data's bytes for each of its tensors.
+// checkPushed reads a committed version back once its host images are
+// filled: every weights file parses with the strict parser and holds data's
+// bytes for each of its tensors.
 func checkPushed(t *testing.T, v *Version, data map[string][]byte) {
 	t.Helper()
 	seen := 0
 	for _, f := range weightsFiles(v) {
+		if err := f.WaitReady(context.Background()); err != nil {
+			t.Fatal(err)
+		}
 		h, err := safetensors.Parse(f.Bytes())
 		if err != nil {
 			t.Fatalf("%s: strict parser: %v", f.Path(), err)
