@@ -7,8 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -86,16 +84,7 @@ func pushOnGPU(t *testing.T, st *store.Store, fake *cudatest.Fake) []byte {
 }
 
 // waitingOpens counts the goroutines waiting for a host image.
-func waitingOpens() int {
-	buf := make([]byte, 1<<20)
-	for {
-		n := runtime.Stack(buf, true)
-		if n < len(buf) {
-			return strings.Count(string(buf[:n]), "(*File).WaitReady(")
-		}
-		buf = make([]byte, 2*len(buf))
-	}
-}
+func waitingOpens() int { return goroutinesIn("(*File).WaitReady(") }
 
 // untilWaiting polls until want opens wait in the daemon (or fails after a
 // long deadline: a hang, not a timing assertion).
@@ -110,15 +99,23 @@ func untilWaiting(t *testing.T, want func(n int) bool) {
 	}
 }
 
+// mountHeldPush mounts a store over a fake GPU and pushes to it with every
+// device-to-host copy held by gate (released when the test ends): the
+// weights file's host image is not filled until gate is released.
+func mountHeldPush(t *testing.T) (srv *Server, gate *cudatest.Gate, data []byte) {
+	t.Helper()
+	st, fake := gpuStore(t)
+	srv = mountStore(t, st, Options{})
+	gate = fake.Hold("cuMemcpyDtoH_v2")
+	t.Cleanup(gate.Release) // before the store closes: it waits for the fill
+	return srv, gate, pushOnGPU(t, st, fake)
+}
+
 // TestMountOpenWaitsForHostFill: a reader that opens a pushed file before
 // its host image is filled waits, then reads the whole file; its checksum
 // attribute is that of those bytes.
 func TestMountOpenWaitsForHostFill(t *testing.T) {
-	st, fake := gpuStore(t)
-	srv := mountStore(t, st, Options{})
-	gate := fake.Hold("cuMemcpyDtoH_v2")
-	defer gate.Release()
-	data := pushOnGPU(t, st, fake)
+	srv, gate, data := mountHeldPush(t)
 	path := filepath.Join(srv.Mountpoint(), "m@1", weightsFile)
 
 	type result struct {
@@ -175,11 +172,7 @@ func TestMountOpenWaitsForHostFill(t *testing.T) {
 // image: the kernel interrupts the open, the daemon answers it and nothing
 // waits any more; a later open reads the filled file.
 func TestMountOpenInterrupted(t *testing.T) {
-	st, fake := gpuStore(t)
-	srv := mountStore(t, st, Options{})
-	gate := fake.Hold("cuMemcpyDtoH_v2")
-	defer gate.Release()
-	data := pushOnGPU(t, st, fake)
+	srv, gate, data := mountHeldPush(t)
 	path := filepath.Join(srv.Mountpoint(), "m@1", weightsFile)
 
 	cat := exec.Command("cat", path)

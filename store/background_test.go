@@ -29,24 +29,32 @@ func (g *gpuStore) pushOnGPU(t *testing.T, name string, manifest []PushTensor, s
 		t.Fatal(err)
 	}
 	for _, x := range ts {
-		slab, err := st.Slab(x.File, gpu0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if len(data[x.Name]) > 0 {
-			if err := g.fake.Write(slab.Ptr+cuda.DevicePtr(x.SlabOffset), data[x.Name]); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if err := st.MarkWritten(x.Name, gpu0); err != nil {
-			t.Fatal(err)
-		}
+		g.writeOnGPU(t, st, x, gpu0, data[x.Name])
 	}
 	v, err := st.Commit(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
 	return v, data
+}
+
+// writeOnGPU writes tensor x's bytes into its staged slab on the GPU of
+// that UUID, as a writer copying device to device does, and marks it
+// written there.
+func (g *gpuStore) writeOnGPU(t *testing.T, st *Staged, x StagedTensor, gpu string, data []byte) {
+	t.Helper()
+	slab, err := st.Slab(x.File, gpu)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(data) > 0 {
+		if err := g.fake.Write(slab.Ptr+cuda.DevicePtr(x.SlabOffset), data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := st.MarkWritten(x.Name, gpu); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // tensorBytesZero says whether every tensor byte of f's host image is 0.

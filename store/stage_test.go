@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/weightfs/weightfs/cuda"
 	"github.com/weightfs/weightfs/cuda/cudatest"
 	"github.com/weightfs/weightfs/store/safetensors"
 )
@@ -448,18 +447,7 @@ func TestStageCommitGPUs(t *testing.T) {
 			}
 			continue
 		}
-		slab, err := st.Slab(x.File, gpu0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if len(data[x.Name]) > 0 {
-			if err := g.fake.Write(slab.Ptr+cuda.DevicePtr(x.SlabOffset), data[x.Name]); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if err := st.MarkWritten(x.Name, gpu0); err != nil {
-			t.Fatal(err)
-		}
+		g.writeOnGPU(t, st, x, gpu0, data[x.Name])
 	}
 	v, err := st.Commit(context.Background())
 	if err != nil {
