@@ -64,11 +64,12 @@ func (v *Version) prepareBackground(fills []hostFill) {
 // startBackground starts v's goroutine; s.mu is held and v is numbered.
 func (s *Store) startBackground(v *Version, fills []hostFill) {
 	ctx, cancel := context.WithCancel(context.Background())
-	v.bg = &background{cancel: cancel, done: make(chan struct{})}
+	bg := &background{cancel: cancel, done: make(chan struct{})}
+	v.bg = bg
 	go func() {
-		defer close(v.bg.done)
+		defer close(bg.done)
 		for _, fl := range fills {
-			err := s.fill(ctx, fl)
+			err := s.fill(ctx, v, fl)
 			fl.file.setReady(err)
 			if err != nil && ctx.Err() == nil {
 				s.log.Error("fill host image from GPU", "model", v.model, "version", v.Name(), "file", fl.file.path, "err", err)
@@ -92,10 +93,10 @@ func (v *Version) stopBackground() {
 
 // fill copies fl's runs device to host, pinning the host image first when
 // it can: an unpinned copy is slower, not wrong.
-func (s *Store) fill(ctx context.Context, fl hostFill) error {
+func (s *Store) fill(ctx context.Context, v *Version, fl hostFill) error {
 	f := fl.file
 	if err := f.pin(s.gpus); err != nil {
-		s.log.Warn("fill host image unpinned", "file", f.path, "err", err)
+		s.log.Warn("fill host image unpinned", "version", v.Name(), "file", f.path, "err", err)
 	}
 	img := f.Bytes()
 	for _, src := range fl.from {
