@@ -302,3 +302,67 @@ func TestGPUMonitor(t *testing.T) {
 		t.Logf("warning: NVML reports %d bytes for this pid (PID namespace differs from the driver's?)", used)
 	}
 }
+
+// TestGPUCopyDtoDAcrossDevices checks what a push's commit relies on: under
+// unified addressing, Stream.CopyDtoD on the destination device's stream
+// copies from another device's allocation (store/gpu.go, copyLocked). It
+// needs two devices.
+func TestGPUCopyDtoDAcrossDevices(t *testing.T) {
+	d, _, src := openGPU(t)
+	devs, err := d.Devices()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var other *Device
+	for i := range devs {
+		if devs[i].UUID != src.Device().UUID {
+			other = &devs[i]
+			break
+		}
+	}
+	if other == nil {
+		t.Skip("needs two CUDA devices")
+	}
+	dst, err := d.Context(*other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Release()
+	const n = 64 << 20
+	a, err := src.NewSlab(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Free()
+	b, err := dst.NewSlab(n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Free()
+	want := make([]byte, n)
+	rand.NewChaCha8([32]byte{7}).Read(want)
+	if err := src.CopyHtoD(a.Ptr, want); err != nil {
+		t.Fatal(err)
+	}
+	s, err := dst.NewStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Destroy()
+	const off = 3<<20 + 256
+	t0 := time.Now()
+	if err := s.CopyDtoD(b.Ptr+off, a.Ptr+off, n-off); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Synchronize(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("CopyDtoD of %d MiB from %s to %s: %v", (n-off)>>20, src.Device().UUID, other.UUID, time.Since(t0))
+	got := make([]byte, n-off)
+	if err := dst.CopyDtoH(got, b.Ptr+off); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want[off:]) {
+		t.Fatal("the copy across devices holds other bytes")
+	}
+}

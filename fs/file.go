@@ -60,6 +60,12 @@ func (n *fileNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 	if !n.version.Acquire() {
 		return nil, 0, syscall.ENOENT // unloaded and freed since the lookup
 	}
+	// A pushed file's host image may still be filling from the GPU: nobody
+	// may read a partial file. The open holds the version meanwhile.
+	if errno := waitReady(ctx, n.file); errno != 0 {
+		n.version.Release()
+		return nil, 0, errno
+	}
 	n.m.counters.opens.Add(1)
 	h := &readHandle{m: n.m, file: n.file, version: n.version}
 	if n.m.Mode() == Passthrough {
@@ -68,6 +74,24 @@ func (n *fileNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 	// Without passthrough the kernel page cache is the fast path: keep it
 	// across opens (versions never change).
 	return h, fuse.FOPEN_KEEP_CACHE, 0
+}
+
+// waitReady waits for the file's host image with a request's context: an
+// interrupt (the request's context ends) is EINTR, a failed fill EIO.
+func waitReady(ctx context.Context, f *store.File) syscall.Errno {
+	return waitErrno(ctx, f.WaitReady(ctx))
+}
+
+// waitErrno maps the error of a wait for the store with a request's context.
+func waitErrno(ctx context.Context, err error) syscall.Errno {
+	switch {
+	case err == nil:
+		return 0
+	case ctx.Err() != nil:
+		return syscall.EINTR
+	default:
+		return syscall.EIO
+	}
 }
 
 func (n *fileNode) attrs() []xattr {
@@ -88,12 +112,19 @@ func (n *fileNode) Getxattr(ctx context.Context, attr string, dest []byte) (uint
 		}
 		return copyAttr(dest, manifest)
 	}
+	if attr == XXH3Xattr {
+		sum, err := n.file.WaitChecksum(ctx)
+		if errno := waitErrno(ctx, err); errno != 0 {
+			return 0, errno
+		}
+		return copyAttr(dest, []byte(store.FormatChecksum(sum)))
+	}
 	return n.m.getxattr(ctx, dest, attr, n.attrs())
 }
 
 func (n *fileNode) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.Errno) {
 	n.m.count(opListxattr)
-	attrs := n.attrs()
+	attrs := append(n.attrs(), xattr{name: XXH3Xattr})
 	if _, ok := n.m.manifest(n.file); ok {
 		attrs = append(attrs, xattr{name: CUDAXattr})
 	}
@@ -135,6 +166,11 @@ var (
 
 func (h *readHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	h.m.countRead(len(dest))
+	// The open waited already; this costs nothing then, and keeps every
+	// path that serves bytes behind the host image's readiness.
+	if errno := waitReady(ctx, h.file); errno != 0 {
+		return nil, errno
+	}
 	data := h.file.Bytes()
 	if off >= int64(len(data)) {
 		return fuse.ReadResultData(nil), 0

@@ -387,7 +387,7 @@ func TestMountXattrIoctl(t *testing.T) {
 		}
 	}
 	for _, tc := range []struct{ path, want string }{
-		{file, "user.weightfs.kind user.weightfs.residency user.weightfs.source user.weightfs.version"},
+		{file, "user.weightfs.kind user.weightfs.residency user.weightfs.source user.weightfs.version user.weightfs.xxh3"},
 		{dir, "user.weightfs.source user.weightfs.version"},
 		{srv.Mountpoint(), "user.weightfs.readmode"},
 	} {

@@ -394,7 +394,7 @@ func TestNodeXattr(t *testing.T) {
 		node xattrNode
 		want string
 	}{
-		{"file", fnode.(xattrNode), "user.weightfs.version user.weightfs.source user.weightfs.residency user.weightfs.kind"},
+		{"file", fnode.(xattrNode), "user.weightfs.version user.weightfs.source user.weightfs.residency user.weightfs.kind user.weightfs.xxh3"},
 		{"dir", dnode.(xattrNode), "user.weightfs.version user.weightfs.source"},
 		{"root", root, "user.weightfs.readmode"},
 	} {

@@ -4,6 +4,12 @@ package fs
 // (JSON, see docs/PROTOCOL.md). It is absent (ENODATA) without a GPU replica.
 const CUDAXattr = "user.weightfs.cuda"
 
+// XXH3Xattr is the extended attribute holding a file's XXH3-64 as 16
+// lowercase hex digits. Every file lists it; a getxattr waits until the
+// daemon has computed it (EINTR if interrupted, EIO if the file's host image
+// could not be filled), so a script never races the background checksum.
+const XXH3Xattr = "user.weightfs.xxh3"
+
 // IoctlCUDAManifest is _IOR('W', 1, struct weightfs_cuda_manifest): the same
 // JSON by ioctl on an open file. The struct is a little-endian uint32 length,
 // a uint32 reserved (0), then the JSON bytes, IoctlCUDAManifestSize bytes in

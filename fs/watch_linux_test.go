@@ -185,12 +185,15 @@ func TestVersionsFileInterruptAndUnmount(t *testing.T) {
 }
 
 // blockedVersionReads counts the goroutines inside versionsHandle.Read.
-func blockedVersionReads() int {
+func blockedVersionReads() int { return goroutinesIn("(*versionsHandle).Read(") }
+
+// goroutinesIn counts the goroutines whose stack holds frame.
+func goroutinesIn(frame string) int {
 	buf := make([]byte, 1<<20)
 	for {
 		n := runtime.Stack(buf, true)
 		if n < len(buf) {
-			return strings.Count(string(buf[:n]), "(*versionsHandle).Read(")
+			return strings.Count(string(buf[:n]), frame)
 		}
 		buf = make([]byte, 2*len(buf))
 	}

@@ -177,11 +177,48 @@ func (gpu *GPU) upload(image []byte, runs []copyRun, size int64) (*replica, erro
 // copyRunsLocked copies runs of image to slab over the device's streams and
 // waits for them; gpu.mu is held.
 func (gpu *GPU) copyRunsLocked(slab *cuda.Slab, image []byte, runs []copyRun) error {
-	for _, r := range runs {
-		if err := slab.Upload(uint64(r.dst), image[r.src:r.src+r.n], gpu.streams, 0); err != nil {
-			cuda.SynchronizeAll(gpu.streams)
-			return err
+	return gpu.copyLocked(slab, image, runs, nil)
+}
+
+// complete copies into slab, a push's slab on this device, the runs of image
+// and those of the other devices' slabs (peers; this device's own runs are
+// skipped), and waits for them.
+func (gpu *GPU) complete(slab *cuda.Slab, image []byte, runs []copyRun, peers []slabRuns) error {
+	gpu.mu.Lock()
+	defer gpu.mu.Unlock()
+	return gpu.copyLocked(slab, image, runs, peers)
+}
+
+// copyLocked enqueues the host runs of image, then the runs of peers'
+// slabs, device to device at the same slab offsets (every slab of a file
+// has the same layout), over the device's streams and waits for them; gpu.mu
+// is held. Under unified addressing the driver copies between devices peer
+// to peer, or through host memory where they have no peer access.
+func (gpu *GPU) copyLocked(slab *cuda.Slab, image []byte, runs []copyRun, peers []slabRuns) error {
+	err := func() error {
+		for _, r := range runs {
+			if err := slab.Upload(uint64(r.dst), image[r.src:r.src+r.n], gpu.streams, 0); err != nil {
+				return err
+			}
 		}
+		i := 0
+		for _, p := range peers {
+			if p.r.gpu == gpu {
+				continue
+			}
+			for _, r := range p.runs {
+				at := cuda.DevicePtr(r.dst)
+				if err := gpu.streams[i%len(gpu.streams)].CopyDtoD(slab.Ptr+at, p.r.slab.Ptr+at, uint64(r.n)); err != nil {
+					return fmt.Errorf("from GPU %s: %w", p.r.gpu.UUID(), err)
+				}
+				i++
+			}
+		}
+		return nil
+	}()
+	if err != nil {
+		cuda.SynchronizeAll(gpu.streams)
+		return err
 	}
 	return cuda.SynchronizeAll(gpu.streams)
 }

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -16,6 +17,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/weightfs/weightfs/cuda"
 )
 
 // Version states.
@@ -586,18 +589,36 @@ func (s *Store) Loads() []*Load {
 
 // FileCheck is the outcome of verifying one file.
 type FileCheck struct {
-	Path, Source string
+	Path, Source string // Source "": pushed, no file on disk
 	Bytes        int64
 	SHA256       string // of the bytes served
-	SourceSHA256 string // of the source now ("" when it could not be read)
-	OK           bool
-	Problem      string
+	SourceSHA256 string // of the source now ("" when it could not be read, or there is none)
+	// XXH3 is the file's checksum recorded after it was loaded or pushed
+	// (16 lowercase hex digits, user.weightfs.xxh3; "" when there is
+	// none); ServedXXH3 that of the bytes served now. They differ if the
+	// host image changed since.
+	XXH3, ServedXXH3 string
+	// GPUs are the checks of the file's slabs against the bytes served
+	// (weights files on GPUs only).
+	GPUs    []SlabCheck
+	OK      bool
+	Problem string // the first problem found; "" when OK
 }
 
-// Verify re-reads the source of every file of a version (0: the current one)
-// and compares its checksum with the bytes served. An unknown model or
-// version is ErrNotFound; a source that differs is not an error but a check
-// that is not OK.
+// SlabCheck is the outcome of comparing one GPU's slab of a weights file
+// with its host image, tensor by tensor.
+type SlabCheck struct {
+	GPU     string // the GPU's UUID
+	OK      bool
+	Problem string
+}
+
+// Verify checks every file of a version (0: the current one): it waits for
+// the host image and the recorded checksum, then compares the XXH3-64 of the
+// bytes served with the recorded one, each GPU slab's tensors with the
+// bytes served, and, for a file loaded from disk, the SHA-256 of its source
+// now with the bytes served. An unknown model or version is ErrNotFound; a
+// file that differs is not an error but a check that is not OK.
 func (s *Store) Verify(ctx context.Context, name string, number int) (*Version, []FileCheck, error) {
 	if err := checkVersionRequest("verify", name, number); err != nil {
 		return nil, nil, err
@@ -619,30 +640,124 @@ func (s *Store) Verify(ctx context.Context, name string, number int) (*Version, 
 	defer v.Release()
 	var checks []FileCheck
 	for _, f := range v.files {
-		if err := ctx.Err(); err != nil {
+		c, err := f.verify(ctx)
+		if err != nil {
 			return nil, nil, fmt.Errorf("verify %s: %w", v.Name(), err)
-		}
-		c := FileCheck{Path: f.path, Source: f.source, Bytes: f.Size()}
-		sum := sha256.Sum256(f.Bytes())
-		c.SHA256 = hex.EncodeToString(sum[:])
-		src, size, err := hashFile(f.source)
-		switch {
-		case err != nil:
-			c.Problem = err.Error()
-		case size != f.Size():
-			c.SourceSHA256 = src
-			c.Problem = fmt.Sprintf("source is %d bytes, served %d", size, f.Size())
-		case src != c.SHA256:
-			c.SourceSHA256 = src
-			c.Problem = "source changed: checksums differ"
-		default:
-			c.SourceSHA256 = src
-			c.OK = true
 		}
 		checks = append(checks, c)
 	}
 	return v, checks, nil
 }
+
+// verify checks one file; only ctx's end is an error.
+func (f *File) verify(ctx context.Context) (FileCheck, error) {
+	c := FileCheck{Path: f.path, Source: f.source, Bytes: f.Size()}
+	if err := f.WaitReady(ctx); err != nil {
+		if ctx.Err() != nil {
+			return c, err
+		}
+		c.Problem = err.Error()
+		return c, nil
+	}
+	recorded, err := f.WaitChecksum(ctx)
+	if ctx.Err() != nil {
+		return c, ctx.Err()
+	}
+	var problems []string
+	if err != nil {
+		problems = append(problems, err.Error())
+	} else {
+		c.XXH3 = FormatChecksum(recorded)
+	}
+	served, err := hashImage(ctx, f.Bytes())
+	if err != nil {
+		return c, err
+	}
+	c.ServedXXH3 = FormatChecksum(served)
+	if c.XXH3 != "" && c.XXH3 != c.ServedXXH3 {
+		problems = append(problems, "bytes served changed since they were checksummed: XXH3 differs")
+	}
+	sum := sha256.Sum256(f.Bytes())
+	c.SHA256 = hex.EncodeToString(sum[:])
+	if f.source != "" {
+		src, size, err := hashFile(f.source)
+		switch {
+		case err != nil:
+			problems = append(problems, err.Error())
+		case size != f.Size():
+			c.SourceSHA256 = src
+			problems = append(problems, fmt.Sprintf("source is %d bytes, served %d", size, f.Size()))
+		case src != c.SHA256:
+			c.SourceSHA256 = src
+			problems = append(problems, "source changed: checksums differ")
+		default:
+			c.SourceSHA256 = src
+		}
+	}
+	if c.GPUs, err = f.verifySlabs(ctx); err != nil {
+		return c, err
+	}
+	for _, g := range c.GPUs {
+		if !g.OK {
+			problems = append(problems, "GPU "+g.GPU+": "+g.Problem)
+		}
+	}
+	c.OK = len(problems) == 0
+	if !c.OK {
+		c.Problem = problems[0]
+	}
+	return c, nil
+}
+
+// FormatChecksum is how a checksum is shown (user.weightfs.xxh3, verify):
+// 16 lowercase hex digits.
+func FormatChecksum(sum uint64) string { return fmt.Sprintf("%016x", sum) }
+
+// verifySlabs compares each slab's tensors with the host image through a
+// scratch buffer, device to host; only ctx's end is an error.
+func (f *File) verifySlabs(ctx context.Context) ([]SlabCheck, error) {
+	f.mu.RLock()
+	replicas := slices.Clone(f.replicas)
+	f.mu.RUnlock()
+	if f.header == nil || len(replicas) == 0 {
+		return nil, nil
+	}
+	runs := slabCopies(f.header)
+	var most int64
+	for _, r := range runs {
+		most = max(most, r.n)
+	}
+	scratch := make([]byte, min(most, verifyChunk))
+	img := f.Bytes()
+	var out []SlabCheck
+	for _, r := range replicas {
+		c := SlabCheck{GPU: r.gpu.UUID(), OK: true}
+	runs:
+		for _, run := range runs {
+			for off := int64(0); off < run.n; off += verifyChunk {
+				if err := ctx.Err(); err != nil {
+					return nil, err
+				}
+				n := min(verifyChunk, run.n-off)
+				buf := scratch[:n]
+				if err := r.gpu.ctx.CopyDtoH(buf, r.slab.Ptr+cuda.DevicePtr(run.dst+off)); err != nil {
+					c.OK, c.Problem = false, fmt.Sprintf("read the slab: %v", err)
+					break runs
+				}
+				if !bytes.Equal(buf, img[run.src+off:run.src+off+n]) {
+					c.OK, c.Problem = false, fmt.Sprintf("slab differs from the bytes served in file bytes [%d, %d)",
+						run.src+off, run.src+off+n)
+					break runs
+				}
+			}
+		}
+		out = append(out, c)
+	}
+	return out, nil
+}
+
+// verifyChunk is the scratch buffer verify reads slabs through.
+const verifyChunk = 16 << 20
 
 func hashFile(path string) (string, int64, error) {
 	f, err := os.Open(path)

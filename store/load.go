@@ -112,7 +112,7 @@ func (s *Store) Load(ctx context.Context, name, dir string, opts LoadOptions) (*
 	}
 	v.loadTime = time.Since(start)
 	v.loadedAt = time.Now()
-	if err := s.commit(name, v); err != nil {
+	if err := s.commit(name, v, nil); err != nil {
 		v.free()
 		return nil, err
 	}

@@ -465,12 +465,14 @@ const maxNamed = 10
 
 // Commit makes the push the model's next version, current at once. It is
 // refused (ErrInvalid, naming them) while tensors are missing; the push then
-// stays open. Otherwise the host image and the slabs are made equal: tensors
-// written on a GPU are copied to the host image, then every GPU's slab gets
-// the tensors it was not written with; each header is checked again from the
-// host image, and the version is committed as a load is (retention,
-// watchers). Any failure from there on aborts the push and frees it. After
-// Commit or Abort every method is ErrBusy.
+// stays open. Otherwise only what the GPUs need happens before the commit:
+// every GPU's slab gets the tensors it was not written with (from the host
+// image, or device to device from the GPU they were written on), each
+// header is checked again from the host image, the slabs are exported and
+// the version is committed as a load is (retention, watchers). The host
+// image of tensors written on a GPU is filled afterwards in the background:
+// File.WaitReady waits for it. Any failure before the commit aborts the push
+// and frees it. After Commit or Abort every method is ErrBusy.
 func (st *Staged) Commit(ctx context.Context) (*Version, error) {
 	st.mu.Lock()
 	if err := st.checkOpenLocked("commit"); err != nil {
@@ -518,8 +520,10 @@ func (st *Staged) finish(ctx context.Context, written map[string]string) (*Versi
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("push %s: commit: %w", st.name, err)
 	}
+	var fills []hostFill
 	if gpus := s.gpus.List(); len(gpus) > 0 {
-		if err := st.syncGPUs(ctx, written); err != nil {
+		var err error
+		if fills, err = st.syncGPUs(ctx, written); err != nil {
 			return nil, err
 		}
 	}
@@ -539,7 +543,7 @@ func (st *Staged) finish(ctx context.Context, written map[string]string) (*Versi
 	}
 	v.loadedAt = time.Now()
 	v.loadTime = v.loadedAt.Sub(st.started)
-	if err := s.commit(st.name, v); err != nil {
+	if err := s.commit(st.name, v, fills); err != nil {
 		return nil, fmt.Errorf("push %s: commit: %w", st.name, err)
 	}
 	// The version owns its memory now; the reservation and the name go.
@@ -559,49 +563,51 @@ func (st *Staged) plannedHeader(p string) []byte {
 	return nil
 }
 
-// syncGPUs makes every slab and the host image hold the same tensors: first
-// each tensor written on a GPU is copied from that slab to the host image,
-// then each slab gets, from the (pinned) host image, every tensor that was
-// not written on its GPU. Slabs are exported only then.
-func (st *Staged) syncGPUs(ctx context.Context, written map[string]string) error {
-	gpus := st.s.gpus
+// syncGPUs makes every slab hold every tensor: each slab gets, from the
+// host image (pinned first), the tensors written there, and, device to
+// device, those written on another GPU. Slabs are exported only then. It
+// touches the host image's tensor bytes only for tensors written there, and
+// returns what the host image lacks: the tensors written on a GPU, to be
+// filled after the commit.
+func (st *Staged) syncGPUs(ctx context.Context, written map[string]string) ([]hostFill, error) {
+	var fills []hostFill
 	for _, f := range st.v.files {
 		if f.kind != Weights {
 			continue
 		}
-		if err := f.pin(gpus); err != nil {
-			return fmt.Errorf("push %s: %w", st.name, err)
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("push %s: commit: %w", st.name, err)
 		}
 		offsets, _ := SlabLayout(f.header)
-		img := f.Bytes()
-		for i, t := range f.header.Tensors {
-			on := written[t.Name]
-			if on == "" || t.Size() == 0 {
-				continue
-			}
-			r := f.replicaOn(on)
-			off := f.header.DataOffset() + t.Begin
-			if err := r.gpu.ctx.CopyDtoH(img[off:off+t.Size()], r.slab.Ptr+cuda.DevicePtr(offsets[i])); err != nil {
-				return fmt.Errorf("push %s: copy tensor %q of %s from GPU %s: %w", st.name, t.Name, f.path, on, err)
+		runsFrom := func(gpu string) []copyRun {
+			return slabCopiesExcept(f.header, offsets, func(name string) bool { return written[name] != gpu })
+		}
+		hostRuns := runsFrom("")
+		if len(hostRuns) > 0 {
+			if err := f.pin(st.s.gpus); err != nil {
+				return nil, fmt.Errorf("push %s: %w", st.name, err)
 			}
 		}
-		if err := ctx.Err(); err != nil {
-			return fmt.Errorf("push %s: commit: %w", st.name, err)
+		fill := hostFill{file: f}
+		for _, r := range f.replicas {
+			if runs := runsFrom(r.gpu.UUID()); len(runs) > 0 {
+				fill.from = append(fill.from, slabRuns{r: r, runs: runs})
+			}
 		}
 		for _, r := range f.replicas {
-			runs := slabCopiesExcept(f.header, offsets, func(name string) bool { return written[name] == r.gpu.UUID() })
-			r.gpu.mu.Lock()
-			err := r.gpu.copyRunsLocked(r.slab, img, runs)
-			r.gpu.mu.Unlock()
-			if err != nil {
-				return fmt.Errorf("push %s: copy %s to GPU %s: %w", st.name, f.path, r.gpu.UUID(), err)
+			if err := r.gpu.complete(r.slab, f.Bytes(), hostRuns, fill.from); err != nil {
+				return nil, fmt.Errorf("push %s: copy %s to GPU %s: %w", st.name, f.path, r.gpu.UUID(), err)
 			}
+			var err error
 			if r.handle, err = r.slab.IPCHandle(); err != nil {
-				return fmt.Errorf("push %s: export the slab of %s on GPU %s: %w", st.name, f.path, r.gpu.UUID(), err)
+				return nil, fmt.Errorf("push %s: export the slab of %s on GPU %s: %w", st.name, f.path, r.gpu.UUID(), err)
 			}
 		}
+		if len(fill.from) > 0 {
+			fills = append(fills, fill)
+		}
 	}
-	return nil
+	return fills, nil
 }
 
 // Abort ends the push without a version: its host images, slabs, pins and

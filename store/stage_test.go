@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/weightfs/weightfs/cuda"
 	"github.com/weightfs/weightfs/cuda/cudatest"
 	"github.com/weightfs/weightfs/store/safetensors"
 )
@@ -58,12 +57,16 @@ func writeAll(t *testing.T, st *Staged, data map[string][]byte) {
 	}
 }
 
-// checkPushed reads a committed version back: every weights file parses with
-// the strict parser and holds data's bytes for each of its tensors.
+// checkPushed reads a committed version back once its host images are
+// filled: every weights file parses with the strict parser and holds data's
+// bytes for each of its tensors.
 func checkPushed(t *testing.T, v *Version, data map[string][]byte) {
 	t.Helper()
 	seen := 0
 	for _, f := range weightsFiles(v) {
+		if err := f.WaitReady(context.Background()); err != nil {
+			t.Fatal(err)
+		}
 		h, err := safetensors.Parse(f.Bytes())
 		if err != nil {
 			t.Fatalf("%s: strict parser: %v", f.Path(), err)
@@ -444,18 +447,7 @@ func TestStageCommitGPUs(t *testing.T) {
 			}
 			continue
 		}
-		slab, err := st.Slab(x.File, gpu0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if len(data[x.Name]) > 0 {
-			if err := g.fake.Write(slab.Ptr+cuda.DevicePtr(x.SlabOffset), data[x.Name]); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if err := st.MarkWritten(x.Name, gpu0); err != nil {
-			t.Fatal(err)
-		}
+		g.writeOnGPU(t, st, x, gpu0, data[x.Name])
 	}
 	v, err := st.Commit(context.Background())
 	if err != nil {

@@ -50,6 +50,8 @@ type Store struct {
 
 	// nextIno hands out stable inode numbers: 1 is the mount's root.
 	nextIno atomic.Uint64
+	// sums holds a slot per file being checksummed (background.go).
+	sums chan struct{}
 }
 
 // ReservedInos are inode numbers the store never hands out: 1 is the mount's
@@ -95,7 +97,7 @@ func New(arena *Arena, opts Options) *Store {
 	s := &Store{arena: arena, log: opts.Logger, gpus: opts.GPUs, budgets: opts.Budgets, logEvery: opts.LogEvery,
 		sysmem: opts.SystemMemory, memReserve: opts.MemoryReserve, keep: max(opts.KeepVersions, 0),
 		models: map[string]*Model{}, loads: map[*Load]bool{}, staged: map[string]*Staged{}, lastNumber: map[string]int{},
-		watchers: map[string]chan struct{}{}}
+		watchers: map[string]chan struct{}{}, sums: make(chan struct{}, checksumWorkers())}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -198,13 +200,15 @@ func (s *Store) Close() error {
 
 // commit makes a fully loaded version visible under the next number of its
 // model, as its current version, then unloads what the retention rule no
-// longer keeps.
-func (s *Store) commit(name string, v *Version) error {
+// longer keeps. fills are the host images to fill from the GPUs afterwards
+// (a push's); then every file is checksummed, in the background.
+func (s *Store) commit(name string, v *Version, fills []hostFill) error {
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
 		return errorf(ErrBusy, "load %s: the store is closed", name)
 	}
+	v.prepareBackground(fills)
 	m := s.models[name]
 	if m == nil {
 		m = &Model{name: name, ino: s.newIno()}
@@ -215,6 +219,7 @@ func (s *Store) commit(name string, v *Version) error {
 	v.number = s.lastNumber[name]
 	v.model = name
 	v.store = s
+	s.startBackground(v, fills)
 	m.versions = append(m.versions, v)
 	m.current = v
 	var gone []*Version
@@ -340,6 +345,7 @@ type Version struct {
 	loadedAt time.Time
 	loadTime time.Duration
 	gpuErr   error
+	bg       *background // the fill and checksums after commit (background.go)
 }
 
 // Model is the name of the model this version belongs to.
@@ -384,6 +390,7 @@ func (v *Version) LoadTime() time.Duration { return v.loadTime }
 func (v *Version) GPUError() error { return v.gpuErr }
 
 func (v *Version) free() error {
+	v.stopBackground() // it reads the host images and slabs freed below
 	var errs []error
 	for _, f := range v.files {
 		if err := f.freeGPU(); err != nil {
@@ -459,6 +466,17 @@ type File struct {
 	mu       sync.RWMutex
 	replicas []*replica
 	pinned   *cuda.Context // the context the host image is registered with
+
+	// ready is closed when the host image is complete or its fill failed
+	// (readyErr); nil: complete from the start. summed is closed when
+	// the checksum sum is computed or cannot be (sumErr); nil until the
+	// version is committed. Both are set before the version is visible
+	// and written only by its goroutine (background.go).
+	ready    chan struct{}
+	readyErr error
+	summed   chan struct{}
+	sum      uint64
+	sumErr   error
 }
 
 // Name is the file's base name.

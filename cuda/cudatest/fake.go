@@ -23,7 +23,8 @@
 //   - IPC handles that encode the allocation they export (DecodeIPCHandle);
 //   - the driver's error names and descriptions.
 //
-// Tests inject failures (Inject), cap memory (SetMemoryLimit), look inside
+// Tests inject failures (Inject), hold calls until they let them go (Hold),
+// cap memory (SetMemoryLimit), look inside
 // (Allocations, Read, Pinned, Streams, Stats, Calls) and check for leaks
 // (CheckClean). A Fake is safe for concurrent use.
 package cudatest
@@ -136,6 +137,9 @@ type Fake struct {
 	calls       map[string]int
 	stats       Stats
 	impls       map[string]any
+
+	gateMu sync.Mutex // apart from mu: a held call must not block the others
+	gates  map[string]*Gate
 }
 
 type device struct {
@@ -284,7 +288,10 @@ func (f *Fake) Bind(name string, fn any) error {
 	iv := reflect.ValueOf(impl)
 	it := iv.Type()
 	if it.AssignableTo(want) {
-		dst.Set(iv)
+		dst.Set(reflect.MakeFunc(want, func(args []reflect.Value) []reflect.Value {
+			f.wait(name)
+			return iv.Call(args)
+		}))
 		return nil
 	}
 	// Same shape, other named types (a by-value struct): convert each value.
@@ -299,6 +306,7 @@ func (f *Fake) Bind(name string, fn any) error {
 		return fmt.Errorf("cudatest: bind %s: the fake implements %v, the caller wants %v", name, it, want)
 	}
 	dst.Set(reflect.MakeFunc(want, func(args []reflect.Value) []reflect.Value {
+		f.wait(name)
 		in := make([]reflect.Value, len(args))
 		for i, a := range args {
 			in[i] = a.Convert(it.In(i))
@@ -310,6 +318,46 @@ func (f *Fake) Bind(name string, fn any) error {
 		return out
 	}))
 	return nil
+}
+
+// Gate holds the calls of one entry point (Hold) until Release.
+type Gate struct {
+	arrived, released chan struct{}
+	arrive, release   sync.Once
+}
+
+// Arrived is closed when the first held call arrives.
+func (g *Gate) Arrived() <-chan struct{} { return g.arrived }
+
+// Release lets the held calls, and every later one, run. It may be called
+// more than once.
+func (g *Gate) Release() { g.release.Do(func() { close(g.released) }) }
+
+// Hold makes every call of entry point name (e.g. "cuMemcpyDtoH_v2") wait,
+// before it does anything, until the returned gate is released: a test can
+// so prove that something does not wait for that call, or act while it is
+// in flight. A held call blocks only its caller.
+func (f *Fake) Hold(name string) *Gate {
+	g := &Gate{arrived: make(chan struct{}), released: make(chan struct{})}
+	f.gateMu.Lock()
+	defer f.gateMu.Unlock()
+	if f.gates == nil {
+		f.gates = map[string]*Gate{}
+	}
+	f.gates[name] = g
+	return g
+}
+
+// wait blocks a call of name while a gate holds it.
+func (f *Fake) wait(name string) {
+	f.gateMu.Lock()
+	g := f.gates[name]
+	f.gateMu.Unlock()
+	if g == nil {
+		return
+	}
+	g.arrive.Do(func() { close(g.arrived) })
+	<-g.released
 }
 
 // Modelled reports whether the fake implements entry point name (others

@@ -185,3 +185,44 @@ func TestStreamErrors(t *testing.T) {
 		t.Errorf("sync of the legacy stream = %d", r)
 	}
 }
+
+func TestHold(t *testing.T) {
+	f := cudatest.New(cudatest.Options{})
+	d, err := f.Driver()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	devs, err := d.Devices()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, err := d.Context(devs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctx.Release()
+	p, err := ctx.Alloc(4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctx.Free(p)
+	g := f.Hold("cuMemcpyDtoH_v2")
+	done := make(chan error, 1)
+	go func() { done <- ctx.CopyDtoH(make([]byte, 4), p) }()
+	<-g.Arrived()
+	// Other calls go on while one is held.
+	if _, _, err := ctx.MemInfo(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("the held copy returned (%v) before Release", err)
+	default:
+	}
+	g.Release()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	g.Release() // twice is fine
+}
