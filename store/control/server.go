@@ -157,8 +157,12 @@ func (s *Server) serveVerify(w http.ResponseWriter, r *http.Request) {
 	out := Verified{Version: v.Name(), OK: true, Files: []VerifiedFile{}}
 	for _, c := range checks {
 		out.OK = out.OK && c.OK
-		out.Files = append(out.Files, VerifiedFile{Path: c.Path, Source: c.Source, OK: c.OK,
-			Problem: c.Problem, SHA256: c.SHA256, SourceSHA256: c.SourceSHA256})
+		f := VerifiedFile{Path: c.Path, Source: c.Source, OK: c.OK, Problem: c.Problem, SHA256: c.SHA256,
+			SourceSHA256: c.SourceSHA256, XXH3: c.XXH3, ServedXXH3: c.ServedXXH3}
+		for _, g := range c.GPUs {
+			f.GPUs = append(f.GPUs, VerifiedSlab{GPU: g.GPU, OK: g.OK, Problem: g.Problem})
+		}
+		out.Files = append(out.Files, f)
 	}
 	if !out.OK {
 		s.log.Warn("verify found differences", "version", v.Name())

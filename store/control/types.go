@@ -154,6 +154,19 @@ type VerifiedFile struct {
 	Problem      string `json:"problem,omitempty"`
 	SHA256       string `json:"sha256"`
 	SourceSHA256 string `json:"source_sha256"`
+	// XXH3 is the checksum recorded after the load or push
+	// (user.weightfs.xxh3), ServedXXH3 that of the bytes served now.
+	XXH3       string         `json:"xxh3"`
+	ServedXXH3 string         `json:"served_xxh3"`
+	GPUs       []VerifiedSlab `json:"gpus,omitempty"`
+}
+
+// VerifiedSlab is the check of one GPU's slab of a weights file against
+// the bytes served.
+type VerifiedSlab struct {
+	GPU     string `json:"gpu"`
+	OK      bool   `json:"ok"`
+	Problem string `json:"problem,omitempty"`
 }
 
 // WatchEvent is one line of GET /v1/watch (NDJSON): the model's current

@@ -129,16 +129,30 @@ func Status(w io.Writer, st *control.Status) {
 // file matched.
 func Verified(w io.Writer, out *control.Verified) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(tw, "FILE\tRESULT\tSHA-256\n")
+	fmt.Fprintf(tw, "FILE\tRESULT\tXXH3\tGPUS\tSHA-256\n")
+	pushed := false
 	for _, f := range out.Files {
 		result := "ok"
 		if !f.OK {
 			result = "DIFFERS: " + f.Problem
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\n", f.Path, result, f.SHA256)
+		gpus := "-"
+		if len(f.GPUs) > 0 {
+			gpus = fmt.Sprintf("%d ok", len(f.GPUs))
+			for _, g := range f.GPUs {
+				if !g.OK {
+					gpus = "DIFFERS"
+				}
+			}
+		}
+		pushed = pushed || f.Source == ""
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", f.Path, result, orDash(f.XXH3), gpus, f.SHA256)
 	}
 	tw.Flush()
-	if out.OK {
+	switch {
+	case out.OK && pushed:
+		fmt.Fprintf(w, "%s: every file equals its recorded checksum and its GPU slabs\n", out.Version)
+	case out.OK:
 		fmt.Fprintf(w, "%s: every file equals its source\n", out.Version)
 	}
 }
@@ -165,4 +179,11 @@ func Served(w io.Writer, mountpoint string, v *store.Version, gpus int) {
 	secs := v.LoadTime().Seconds()
 	fmt.Fprintf(w, "weightfs: %s → %s (%d files, %s in %.2fs, %s/s, %s)\n", v.Model(), filepath.Join(mountpoint, v.Name()),
 		len(v.Files()), store.HumanBytes(v.Bytes()), secs, store.HumanBytes(int64(float64(v.Bytes())/max(secs, 1e-9))), where)
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }

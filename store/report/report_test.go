@@ -34,12 +34,19 @@ func ExampleUnloaded() {
 
 func ExampleVerified() {
 	report.Verified(os.Stdout, &control.Verified{Version: "qwen@1", OK: true, Files: []control.VerifiedFile{
-		{Path: "config.json", OK: true, SHA256: "ab12"},
+		{Path: "config.json", Source: "/models/qwen/config.json", OK: true, SHA256: "ab12", XXH3: "00c0ffee00c0ffee"},
+	}})
+	report.Verified(os.Stdout, &control.Verified{Version: "policy@8", OK: true, Files: []control.VerifiedFile{
+		{Path: "model.safetensors", OK: true, SHA256: "cd34", XXH3: "0123456789abcdef",
+			GPUs: []control.VerifiedSlab{{GPU: "GPU-1", OK: true}}},
 	}})
 	// Output:
-	// FILE         RESULT  SHA-256
-	// config.json  ok      ab12
+	// FILE         RESULT  XXH3              GPUS  SHA-256
+	// config.json  ok      00c0ffee00c0ffee  -     ab12
 	// qwen@1: every file equals its source
+	// FILE               RESULT  XXH3              GPUS  SHA-256
+	// model.safetensors  ok      0123456789abcdef  1 ok  cd34
+	// policy@8: every file equals its recorded checksum and its GPU slabs
 }
 
 func TestVersionsAndStatus(t *testing.T) {
