@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -67,7 +66,7 @@ func TestBenchReportCodec(t *testing.T) {
 		var rows []row
 
 		memcpy := row{name: "raw (memcpy)", ratio: 1}
-		memcpy.dec1 = benchMedian(runs, func() float64 { return gbs(benchTime(func() { copy(dst, src) })) })
+		memcpy.dec1 = median(runs, func() float64 { return gbs(benchTime(func() { copy(dst, src) })) })
 		rows = append(rows, memcpy)
 
 		for _, cd := range []struct {
@@ -76,19 +75,19 @@ func TestBenchReportCodec(t *testing.T) {
 		}{{"weightfs codec", ours}, {"weightfs codec, planes only (NoZstd)", planesOnly}} {
 			var enc []byte
 			r := row{name: cd.name}
-			r.enc = benchMedian(runs, func() float64 {
+			r.enc = median(runs, func() float64 {
 				return gbs(benchTime(func() { enc, err = cd.c.Encode(enc[:0], src, dtype) }))
 			})
 			if err != nil {
 				t.Fatal(err)
 			}
 			r.ratio = float64(len(src)) / float64(len(enc))
-			r.dec1 = benchMedian(runs, func() float64 {
+			r.dec1 = median(runs, func() float64 {
 				return gbs(benchTime(func() { err = cd.c.Decode(dst, enc) }))
 			})
 			benchSame(t, err, dst, src, cd.name)
 			clear(dst)
-			r.decN = benchMedian(runs, func() float64 {
+			r.decN = median(runs, func() float64 {
 				return gbs(benchTime(func() { err = cd.c.DecodeParallel(context.Background(), dst, enc, cores) }))
 			})
 			benchSame(t, err, dst, src, cd.name+" parallel")
@@ -105,10 +104,10 @@ func TestBenchReportCodec(t *testing.T) {
 			}
 			var enc, out []byte
 			r := row{name: z.name}
-			r.enc = benchMedian(runs, func() float64 { return gbs(benchTime(func() { enc = zenc.EncodeAll(src, enc[:0]) })) })
+			r.enc = median(runs, func() float64 { return gbs(benchTime(func() { enc = zenc.EncodeAll(src, enc[:0]) })) })
 			zenc.Close()
 			r.ratio = float64(len(src)) / float64(len(enc))
-			r.dec1 = benchMedian(runs, func() float64 {
+			r.dec1 = median(runs, func() float64 {
 				return gbs(benchTime(func() { out, err = zdec.DecodeAll(enc, dst[:0]) }))
 			})
 			benchSame(t, err, out, src, z.name)
@@ -134,17 +133,6 @@ func benchTime(f func()) float64 {
 	start := time.Now()
 	f()
 	return time.Since(start).Seconds()
-}
-
-// benchMedian runs f once to warm up, then n times, and returns the median.
-func benchMedian(n int, f func() float64) float64 {
-	f()
-	xs := make([]float64, n)
-	for i := range xs {
-		xs[i] = f()
-	}
-	slices.Sort(xs)
-	return xs[n/2]
 }
 
 func benchSame(t *testing.T, err error, got, want []byte, what string) {
