@@ -48,14 +48,14 @@ func TestBenchReportCodec(t *testing.T) {
 	defer zdec.Close()
 
 	type row struct {
-		name            string
-		ratio           float64
-		enc, dec1, decN float64 // GB/s of raw bytes; 0: not measured
+		name                  string
+		ratio                 float64
+		enc, encN, dec1, decN float64 // GB/s of raw bytes; 0: not measured
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "\ncodec: %d MiB of trained-like weights per dtype, %d cores (GOMAXPROCS), GB/s (1e9 B/s) of raw bytes, median of %d runs after a warm-up;\n", mib, cores, runs)
 	fmt.Fprintf(&b, "ratio = raw size / coded size; \"vs memcpy\" = decode on 1 core / memcpy on 1 core\n\n")
-	fmt.Fprintf(&b, "| dtype | coder | ratio | encode, 1 core | decode, 1 core | decode, %d cores | 1-core decode vs memcpy |\n|---|---|---|---|---|---|---|\n", cores)
+	fmt.Fprintf(&b, "| dtype | coder | ratio | encode, 1 core | encode, %d cores | decode, 1 core | decode, %d cores | 1-core decode vs memcpy |\n|---|---|---|---|---|---|---|---|\n", cores, cores)
 	for _, dtype := range []string{"BF16", "F16", "F32"} {
 		src, err := codectest.Model(dtype, mib<<20, 1)
 		if err != nil {
@@ -77,6 +77,12 @@ func TestBenchReportCodec(t *testing.T) {
 			r := row{name: cd.name}
 			r.enc = median(runs, func() float64 {
 				return gbs(benchTime(func() { enc, err = cd.c.Encode(enc[:0], src, dtype) }))
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.encN = median(runs, func() float64 {
+				return gbs(benchTime(func() { enc, err = cd.c.EncodeParallel(context.Background(), enc[:0], src, dtype, cores) }))
 			})
 			if err != nil {
 				t.Fatal(err)
@@ -121,7 +127,7 @@ func TestBenchReportCodec(t *testing.T) {
 				}
 				return fmt.Sprintf("%.2f", v)
 			}
-			fmt.Fprintf(&b, "| %s | %s | %.3f× | %s | %s | %s | %.2f× |\n", dtype, r.name, r.ratio, f(r.enc), f(r.dec1), f(r.decN), r.dec1/memcpy.dec1)
+			fmt.Fprintf(&b, "| %s | %s | %.3f× | %s | %s | %s | %s | %.2f× |\n", dtype, r.name, r.ratio, f(r.enc), f(r.encN), f(r.dec1), f(r.decN), r.dec1/memcpy.dec1)
 		}
 	}
 	fmt.Fprintf(&b, "\ntargets (issue 10): ratio >= 1.4x on BF16, restore >= 1 GB/s per core\n")

@@ -107,7 +107,8 @@ func windowFor(bs int) int {
 // BlockSize returns the raw bytes per block this Codec writes.
 func (c *Codec) BlockSize() int { return c.blockSize }
 
-// Close releases the zstd encoder and decoder.
+// Close releases the zstd encoder and decoder; the Codec must not be used
+// after.
 func (c *Codec) Close() {
 	if c.enc != nil {
 		c.enc.Close()
@@ -121,8 +122,15 @@ func (c *Codec) Close() {
 // safetensors spelling of src's element type ("BF16", "F32", ...); an
 // unknown or empty dtype codes src as bytes (zstd or raw).
 func (c *Codec) Encode(dst, src []byte, dtype string) ([]byte, error) {
+	return c.EncodeParallel(context.Background(), dst, src, dtype, 1)
+}
+
+// EncodeParallel is Encode on workers goroutines (GOMAXPROCS when workers
+// <= 0); it writes the same stream. It stops early, returning ctx's error,
+// when ctx ends.
+func (c *Codec) EncodeParallel(ctx context.Context, dst, src []byte, dtype string, workers int) ([]byte, error) {
 	lay := layoutOf(dtype)
-	return c.encodeRuns(dst, []run{{data: src, lay: lay}}, lay.code)
+	return c.encodeRuns(ctx, dst, []run{{data: src, lay: lay}}, lay.code, workers)
 }
 
 // run is a range of bytes of one dtype.
@@ -132,35 +140,71 @@ type run struct {
 }
 
 // encodeRuns appends a stream of the runs, blocks never spanning two.
-func (c *Codec) encodeRuns(dst []byte, runs []run, dtype byte) ([]byte, error) {
+func (c *Codec) encodeRuns(ctx context.Context, dst []byte, runs []run, dtype byte, workers int) ([]byte, error) {
 	if c.initErr != nil {
 		return dst, c.initErr
 	}
-	w := c.workers.Get().(*worker)
-	defer c.workers.Put(w)
-	start := len(dst)
+	type job struct {
+		raw []byte
+		lay layout
+		enc []byte
+	}
+	var jobs []job
 	h := streamHeader{dtype: dtype, blockSize: uint32(c.blockSize)}
-	dst = h.append(dst)
 	for _, r := range runs {
 		for off := 0; off < len(r.data); off += c.blockSize {
-			if h.blocks == 1<<32-1 {
-				return dst[:start], errors.New("codec: too many blocks for one stream")
-			}
-			var err error
-			dst, err = c.encodeBlock(dst, r.data[off:min(off+c.blockSize, len(r.data))], r.lay, w)
-			if err != nil {
-				return dst[:start], fmt.Errorf("codec: block %d: %w", h.blocks, err)
-			}
-			h.blocks++
+			jobs = append(jobs, job{raw: r.data[off:min(off+c.blockSize, len(r.data))], lay: r.lay})
 		}
 		h.rawLen += uint64(len(r.data))
 	}
-	copy(dst[start:], h.append(nil))
+	if uint64(len(jobs)) > 1<<32-1 {
+		return dst, fmt.Errorf("codec: %d blocks, more than one stream holds", len(jobs))
+	}
+	h.blocks = uint32(len(jobs))
+	if workers <= 0 {
+		workers = runtime.GOMAXPROCS(0)
+	}
+	start := len(dst)
+	dst = h.append(dst)
+	if workers == 1 || len(jobs) < 2 {
+		w := c.workers.Get().(*worker)
+		defer c.workers.Put(w)
+		for i, j := range jobs {
+			if err := ctx.Err(); err != nil {
+				return dst[:start], fmt.Errorf("codec: encode stopped at block %d: %w", i, err)
+			}
+			dst = c.encodeBlock(dst, j.raw, j.lay, w)
+		}
+		return dst, nil
+	}
+	// Each block into its own buffer, then all in order.
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range min(workers, len(jobs)) {
+		wg.Go(func() {
+			w := c.workers.Get().(*worker)
+			defer c.workers.Put(w)
+			for ctx.Err() == nil {
+				i := int(next.Add(1) - 1)
+				if i >= len(jobs) {
+					return
+				}
+				jobs[i].enc = c.encodeBlock(nil, jobs[i].raw, jobs[i].lay, w)
+			}
+		})
+	}
+	wg.Wait()
+	if err := ctx.Err(); err != nil {
+		return dst[:start], fmt.Errorf("codec: encode stopped: %w", err)
+	}
+	for _, j := range jobs {
+		dst = append(dst, j.enc...)
+	}
 	return dst, nil
 }
 
 // encodeBlock appends one block: header, then the smallest payload.
-func (c *Codec) encodeBlock(dst, raw []byte, lay layout, w *worker) ([]byte, error) {
+func (c *Codec) encodeBlock(dst, raw []byte, lay layout, w *worker) []byte {
 	bh := blockHeader{method: methodRaw, dtype: lay.code, elemSize: 1, rawLen: uint32(len(raw)), sum: checksum(raw)}
 	at := len(dst)
 	dst = bh.append(dst) // rewritten below
@@ -192,7 +236,7 @@ func (c *Codec) encodeBlock(dst, raw []byte, lay layout, w *worker) ([]byte, err
 	}
 	bh.encLen = uint32(len(dst) - payload)
 	copy(dst[at:], bh.append(nil))
-	return dst, nil
+	return dst
 }
 
 // appendPlanes appends the planes payload of raw; it gives up (false) as

@@ -55,6 +55,9 @@ func roundTrip(t testing.TB, c *codec.Codec, src []byte, dtype string) []byte {
 	if err != nil {
 		t.Fatalf("encode %d bytes of %q: %v", len(src), dtype, err)
 	}
+	if par, err := c.EncodeParallel(context.Background(), nil, src, dtype, 3); err != nil || !bytes.Equal(par, enc) {
+		t.Fatalf("EncodeParallel of %d bytes of %q: %v, or a different stream", len(src), dtype, err)
+	}
 	n, err := codec.RawSize(enc)
 	if err != nil || n != int64(len(src)) {
 		t.Fatalf("RawSize = %d, %v; want %d", n, err, len(src))
@@ -187,9 +190,12 @@ func TestSafetensors(t *testing.T) {
 	if err := safetensors.Write(&file, tensors, map[string]string{"format": "pt"}); err != nil {
 		t.Fatal(err)
 	}
-	enc, err := c.EncodeSafetensors(nil, file.Bytes())
+	enc, err := c.EncodeSafetensors(context.Background(), nil, file.Bytes(), 1)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if par, err := c.EncodeSafetensors(context.Background(), nil, file.Bytes(), 3); err != nil || !bytes.Equal(par, enc) {
+		t.Fatalf("parallel EncodeSafetensors: %v, or a different stream", err)
 	}
 	got := make([]byte, file.Len())
 	if err := c.DecodeParallel(context.Background(), got, enc, 3); err != nil || !bytes.Equal(got, file.Bytes()) {
@@ -206,7 +212,7 @@ func TestSafetensors(t *testing.T) {
 		}
 	}
 	t.Logf("%d bytes -> %d (%.3fx), blocks %v", file.Len(), len(enc), float64(file.Len())/float64(len(enc)), seen)
-	if _, err := c.EncodeSafetensors(nil, []byte("not safetensors")); err == nil {
+	if _, err := c.EncodeSafetensors(context.Background(), nil, []byte("not safetensors"), 0); err == nil {
 		t.Fatal("EncodeSafetensors accepted garbage")
 	}
 }
@@ -275,7 +281,7 @@ func dst0(enc []byte) []byte {
 	return make([]byte, n)
 }
 
-func TestDecodeParallelCancel(t *testing.T) {
+func TestCancel(t *testing.T) {
 	c := codec.New(codec.Options{BlockSize: codec.MinBlockSize})
 	defer c.Close()
 	src := trained(t, "BF16", 2<<20, 1)
@@ -285,6 +291,11 @@ func TestDecodeParallelCancel(t *testing.T) {
 	err := c.DecodeParallel(ctx, make([]byte, len(src)), enc, 2)
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("cancelled decode: %v", err)
+	}
+	for _, workers := range []int{1, 2} {
+		if _, err := c.EncodeParallel(ctx, nil, src, "BF16", workers); !errors.Is(err, context.Canceled) {
+			t.Fatalf("cancelled encode on %d workers: %v", workers, err)
+		}
 	}
 }
 

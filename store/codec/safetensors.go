@@ -1,6 +1,7 @@
 package codec
 
 import (
+	"context"
 	"fmt"
 
 	"github.com/weightfs/weightfs/store/safetensors"
@@ -10,13 +11,14 @@ import (
 // file: its header as bytes, then its tensors' data in runs of one dtype
 // (consecutive tensors of a dtype coalesced), each coded for its dtype.
 // Decode restores the file byte for byte. A file that does not parse is
-// refused.
-func (c *Codec) EncodeSafetensors(dst, file []byte) ([]byte, error) {
+// refused. It encodes on workers goroutines (GOMAXPROCS when workers <= 0)
+// and stops early, returning ctx's error, when ctx ends.
+func (c *Codec) EncodeSafetensors(ctx context.Context, dst, file []byte, workers int) ([]byte, error) {
 	h, err := safetensors.Parse(file)
 	if err != nil {
 		return dst, fmt.Errorf("codec: %w", err)
 	}
-	return c.encodeRuns(dst, runsOf(file, h), 0)
+	return c.encodeRuns(ctx, dst, runsOf(file, h), 0, workers)
 }
 
 // runsOf cuts a parsed safetensors file into the runs EncodeSafetensors codes:
