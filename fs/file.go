@@ -61,7 +61,15 @@ func (n *fileNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 		return nil, 0, syscall.ENOENT // unloaded and freed since the lookup
 	}
 	// A pushed file's host image may still be filling from the GPU: nobody
-	// may read a partial file. The open holds the version meanwhile.
+	// may read a partial file. The open holds the version meanwhile. An
+	// O_DIRECT open does not wait: its reads come here with their exact
+	// ranges, so the header, complete since staging, is served at once and
+	// only reads of tensor bytes wait (loaders that map the slabs read the
+	// header alone, and switch as soon as the commit lands).
+	if ready, _ := n.file.Ready(); !ready && flags&syscall.O_DIRECT != 0 {
+		n.m.counters.opens.Add(1)
+		return &readHandle{m: n.m, file: n.file, version: n.version}, fuse.FOPEN_DIRECT_IO, 0
+	}
 	if errno := waitReady(ctx, n.file); errno != 0 {
 		n.version.Release()
 		return nil, 0, errno
@@ -135,6 +143,12 @@ func (n *fileNode) Listxattr(ctx context.Context, dest []byte) (uint32, syscall.
 // in a struct weightfs_cuda_manifest (docs/PROTOCOL.md).
 func (n *fileNode) Ioctl(ctx context.Context, f gofs.FileHandle, cmd uint32, arg uint64, input, output []byte) (int32, syscall.Errno) {
 	n.m.count(opIoctl)
+	if cmd == IoctlRelease {
+		if caller, ok := fuse.FromContext(ctx); ok {
+			n.version.ReleaseHandles(int(caller.Pid))
+		}
+		return 0, 0
+	}
 	if cmd != IoctlCUDAManifest {
 		return 0, syscall.ENOTTY
 	}
@@ -166,10 +180,13 @@ var (
 
 func (h *readHandle) Read(ctx context.Context, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
 	h.m.countRead(len(dest))
-	// The open waited already; this costs nothing then, and keeps every
-	// path that serves bytes behind the host image's readiness.
-	if errno := waitReady(ctx, h.file); errno != 0 {
-		return nil, errno
+	// The open waited already, but for an O_DIRECT one: then only the
+	// header, written at staging, is served before the host image is ready.
+	// Every path that serves bytes stays behind the readiness.
+	if off+int64(len(dest)) > h.file.HeaderBytes() {
+		if errno := waitReady(ctx, h.file); errno != 0 {
+			return nil, errno
+		}
 	}
 	data := h.file.Bytes()
 	if off >= int64(len(data)) {

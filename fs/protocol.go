@@ -17,6 +17,10 @@ const XXH3Xattr = "user.weightfs.xxh3"
 // direction and size from the command number and copies at most 16383 bytes.
 const IoctlCUDAManifest = iocRead<<30 | IoctlCUDAManifestSize<<16 | 'W'<<8 | 1
 
+// IoctlRelease is _IO('W', 3): the calling process closed every mapping of
+// the version's slabs and stops holding it (docs/PROTOCOL.md §3.1).
+const IoctlRelease = 'W'<<8 | 3
+
 // IoctlCUDAManifestSize is sizeof(struct weightfs_cuda_manifest).
 const IoctlCUDAManifestSize = 16376
 

@@ -3,6 +3,7 @@ package fs
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"os"
 	"os/exec"
@@ -231,5 +232,88 @@ func TestOpenCancelled(t *testing.T) {
 	}
 	if n := st.Version("m", 1).OpenFiles(); n != 0 {
 		t.Errorf("%d open files after an interrupted open", n)
+	}
+}
+
+// TestMountDirectHeaderRead: an O_DIRECT descriptor of a pushed file opens
+// and reads the header at once while the host image is filling; its read of
+// tensor bytes waits for the fill and then sees the tensor written on the
+// GPU.
+func TestMountDirectHeaderRead(t *testing.T) {
+	srv, gate, data := mountHeldPush(t)
+	path := filepath.Join(srv.Mountpoint(), "m@1", weightsFile)
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err) // an open that waited would never get here: the fill is held
+	}
+	defer unix.Close(fd)
+	prefix := make([]byte, 8)
+	if n, err := unix.Pread(fd, prefix, 0); err != nil || n != 8 {
+		t.Fatalf("read the header's length: %d, %v", n, err)
+	}
+	hlen := int64(binary.LittleEndian.Uint64(prefix))
+	header := make([]byte, 8+hlen)
+	if n, err := unix.Pread(fd, header, 0); err != nil || int64(n) != 8+hlen {
+		t.Fatalf("read the header: %d, %v", n, err)
+	}
+	if h, err := safetensors.ReadHeader(bytes.NewReader(header), 8+hlen+int64(len(data))); err != nil || h.DataOffset() != 8+hlen {
+		t.Fatalf("the header read before the fill: %v", err)
+	}
+	tensor := make(chan []byte, 1)
+	go func() {
+		b := make([]byte, len(data))
+		n, err := unix.Pread(fd, b, 8+hlen)
+		if err != nil {
+			t.Error(err)
+		}
+		tensor <- b[:max(n, 0)]
+	}()
+	untilWaiting(t, func(n int) bool { return n > 0 })
+	select {
+	case b := <-tensor:
+		t.Fatalf("a read of tensor bytes returned %d bytes before the fill", len(b))
+	default:
+	}
+	gate.Release()
+	if b := <-tensor; !bytes.Equal(b, data) {
+		t.Errorf("tensor bytes read after the fill differ (%d bytes)", len(b))
+	}
+}
+
+// TestMountReleaseIoctl: a process that got a version's handles and then
+// releases them (§3.1) no longer keeps the version once it is unloaded.
+func TestMountReleaseIoctl(t *testing.T) {
+	st, fake := gpuStore(t)
+	srv := mountStore(t, st, Options{})
+	pushOnGPU(t, st, fake)
+	v := st.Version("m", 1)
+	path := filepath.Join(srv.Mountpoint(), "m@1", weightsFile)
+	buf := make([]byte, 16384)
+	if _, err := unix.Getxattr(path, CUDAXattr, buf); err != nil {
+		t.Fatalf("get the handles: %v", err)
+	}
+	if hh := v.HandleHolders(); len(hh) != 1 || hh[0] != os.Getpid() {
+		t.Fatalf("handle holders %v, want this process", hh)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), IoctlRelease, 0); errno != 0 {
+		t.Fatalf("release ioctl: %v", errno)
+	}
+	f.Close()
+	if hh := v.HandleHolders(); len(hh) != 0 {
+		t.Errorf("handle holders %v after the release", hh)
+	}
+	if _, err := st.Unload("m", 0); err != nil {
+		t.Fatal(err)
+	}
+	// The kernel sends the file's RELEASE after close returns: the version
+	// is freed when it arrives (a deadline against a hang, not a timing).
+	for deadline := time.Now().Add(10 * time.Second); len(st.Draining()) != 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("draining %d versions: nothing holds m@1 any more", len(st.Draining()))
+		}
 	}
 }

@@ -311,3 +311,24 @@ func TestVerifyPushed(t *testing.T) {
 		})
 	}
 }
+
+// A commit does not wait for the versions it drops to be freed (unpinning
+// and freeing tens of GB take seconds; trainers and engines wait for the
+// commit). Were it to wait, the held cuMemFree would hang the commit.
+func TestCommitDoesNotWaitForFrees(t *testing.T) {
+	g := newGPUStore(t, cudatest.Options{}, Budgets{}, "0")
+	g.keep = 1
+	base := loadBase(t, g.Store, "m")
+	gate := g.fake.Hold("cuMemFree_v2")
+	defer gate.Release()
+	v, _ := g.pushOnGPU(t, "m", manifestOf(base), 11) // drops base
+	if g.Model("m").Current() != v || g.Version("m", base.Number()) != nil {
+		t.Fatalf("after the commit: current %s, base still listed %v", g.Model("m").Current().Name(), g.Version("m", base.Number()) != nil)
+	}
+	<-gate.Arrived() // the free runs after the commit returned
+	gate.Release()
+	g.reaps.Wait()
+	if !freed(base) || len(g.Draining()) != 0 {
+		t.Errorf("the dropped version: freed %v, draining %d", freed(base), len(g.Draining()))
+	}
+}

@@ -77,6 +77,24 @@ func (v *Version) NoteHandleHolder(pid int) {
 	v.use.holders[pid] = true
 }
 
+// ReleaseHandles forgets pid (its thread group) as a holder of the
+// version's GPU handles: the process says it closed its mappings of the
+// slabs (docs/PROTOCOL.md §3.1). A version that left the mount is freed
+// when that was its last use.
+func (v *Version) ReleaseHandles(pid int) {
+	if pid <= 0 {
+		return
+	}
+	pid = threadGroup(pid)
+	v.use.mu.Lock()
+	delete(v.use.holders, pid)
+	done := v.use.draining && v.idle()
+	v.use.mu.Unlock()
+	if done && v.store != nil {
+		v.store.reap(v)
+	}
+}
+
 // OpenFiles is the number of files of the version open now.
 func (v *Version) OpenFiles() int {
 	v.use.mu.Lock()
@@ -251,8 +269,14 @@ func (s *Store) hooksLocked() (onCurrent []func(*Model), onRemove []func(*Versio
 // rule that dropped them), tells the hooks and frees those nothing uses.
 func (s *Store) removed(gone []*Version, hooks []func(*Version), why string) {
 	if len(gone) == 0 {
-		return
+		return // reap() of nothing would reap every draining version
 	}
+	s.announce(gone, hooks, why)
+	s.reap(gone...)
+}
+
+// announce logs the versions that left the mount and tells the hooks.
+func (s *Store) announce(gone []*Version, hooks []func(*Version), why string) {
 	for _, v := range gone {
 		if why == "" {
 			s.log.Info("unloaded", "version", v.Name(), "open_files", v.OpenFiles())
@@ -263,7 +287,6 @@ func (s *Store) removed(gone []*Version, hooks []func(*Version), why string) {
 			h(v)
 		}
 	}
-	s.reap(gone...)
 }
 
 // Rollback makes version to (0: the newest one older than the current one)

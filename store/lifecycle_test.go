@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"golang.org/x/sys/unix"
 
 	"github.com/weightfs/weightfs/store/safetensors"
 )
@@ -521,5 +522,33 @@ func TestLoadFreesDrainedFirst(t *testing.T) {
 	}
 	if v := load(t, s, "m", dir); v.Number() != 2 || len(s.Draining()) != 0 {
 		t.Errorf("loaded %s, draining %v", v.Name(), s.Draining())
+	}
+}
+
+// A live process that says it closed its mappings (ReleaseHandles, from any
+// of its threads) no longer keeps a draining version: it is freed at once.
+// Another process's release changes nothing.
+func TestReleaseHandles(t *testing.T) {
+	s := newTestStore(t, Budgets{})
+	dir := writeFolder(t, 1<<20)
+	v1 := load(t, s, "m", dir)
+	load(t, s, "m", dir)
+	holder := exec.Command("sleep", "60")
+	if err := holder.Start(); err != nil {
+		t.Skipf("no process to hold handles: %v", err)
+	}
+	t.Cleanup(func() { holder.Process.Kill(); holder.Wait() })
+	v1.NoteHandleHolder(holder.Process.Pid)
+	v1.NoteHandleHolder(os.Getpid())
+	if _, err := s.Unload("m", 1); err != nil {
+		t.Fatal(err)
+	}
+	v1.ReleaseHandles(holder.Process.Pid)
+	if freed(v1) || v1.State() != StateDraining {
+		t.Fatalf("freed %v, state %s while this process still holds the handles", freed(v1), v1.State())
+	}
+	v1.ReleaseHandles(unix.Gettid()) // a thread of this process speaks for it
+	if !freed(v1) || len(s.Draining()) != 0 {
+		t.Errorf("after the last holder released: freed %v, draining %d", freed(v1), len(s.Draining()))
 	}
 }

@@ -47,6 +47,9 @@ type Store struct {
 	// version (watch.go); watchMu nests inside mu.
 	watchMu  sync.Mutex
 	watchers map[string]chan struct{}
+	// reaps are the frees a commit left to run after it (reapLater);
+	// Close waits for them. Added to under mu while not closed.
+	reaps sync.WaitGroup
 
 	// nextIno hands out stable inode numbers: 1 is the mount's root.
 	nextIno atomic.Uint64
@@ -179,10 +182,12 @@ func (s *Store) Close() error {
 	staged := s.staged
 	s.staged = map[string]*Staged{}
 	s.mu.Unlock()
-	// Staged pushes are aborted first: freeing them takes s.mu.
+	// Staged pushes are aborted first: freeing them takes s.mu, as do the
+	// frees commits left running.
 	for _, st := range staged {
 		st.Abort("the store closes")
 	}
+	s.reaps.Wait()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.changedAll()
@@ -228,11 +233,23 @@ func (s *Store) commit(name string, v *Version, fills []hostFill) error {
 	s.drainLocked(gone)
 	s.changed(name)
 	onCurrent, onRemove := s.hooksLocked()
+	if len(gone) > 0 {
+		s.reaps.Add(1)
+	}
 	s.mu.Unlock()
 	for _, h := range onCurrent {
 		h(m)
 	}
-	s.removed(gone, onRemove, fmt.Sprintf("retention: %s committed, keeping the newest %d versions and the current one", v.Name(), s.keep))
+	s.announce(gone, onRemove, fmt.Sprintf("retention: %s committed, keeping the newest %d versions and the current one", v.Name(), s.keep))
+	if len(gone) > 0 {
+		// Freeing a version (unpinning and freeing tens of GB) takes
+		// seconds: the commit, which a trainer and its engines wait for,
+		// does not.
+		go func() {
+			defer s.reaps.Done()
+			s.reap(gone...)
+		}()
+	}
 	return nil
 }
 
@@ -365,6 +382,15 @@ func (v *Version) Root() *Dir { return v.root }
 
 // Files are all files of the version in path order.
 func (v *Version) Files() []*File { return v.files }
+
+// HeaderBytes is the size of a weights file's header (8 + N: the bytes
+// before its tensors), 0 for other files.
+func (f *File) HeaderBytes() int64 {
+	if f.header == nil {
+		return 0
+	}
+	return f.header.DataOffset()
+}
 
 // Bytes is the total size of the version's files.
 func (v *Version) Bytes() int64 { return v.bytes }

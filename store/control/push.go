@@ -297,7 +297,7 @@ func (p *push) handle(ctx context.Context, b []byte) (answer any, over bool) {
 			}
 		}
 	case "commit":
-		return p.commit(ctx)
+		return p.commit(ctx, op.Released)
 	case "abort":
 		reason := p.writer + " aborted"
 		if op.Reason != "" {
@@ -327,7 +327,7 @@ func (p *push) scratchRange(w PushWrite) ([]byte, error) {
 
 // commit commits the push. A commit refused while tensors are missing
 // leaves the push open; any other failure has ended it.
-func (p *push) commit(ctx context.Context) (any, bool) {
+func (p *push) commit(ctx context.Context, released bool) (any, bool) {
 	v, err := p.st.Commit(ctx)
 	if err != nil {
 		open := false
@@ -343,9 +343,9 @@ func (p *push) commit(ctx context.Context) (any, bool) {
 		}
 		return errorLine(err), !open
 	}
-	if p.handles {
-		// It mapped the slabs, which are the version's now (§8): its GPU
-		// memory drains as with any holder of the handles.
+	if p.handles && !released {
+		// It may still map the slabs, which are the version's now (§8):
+		// its GPU memory drains as with any holder of the handles.
 		v.NoteHandleHolder(int(p.pid))
 	}
 	_, total := p.st.Progress()
@@ -415,10 +415,11 @@ type pushLine struct {
 // input (FuzzParsePushLine).
 func parsePushLine(b []byte) (pushLine, error) {
 	var raw struct {
-		Op      string          `json:"op"`
-		GPU     string          `json:"gpu"`
-		Tensors json.RawMessage `json:"tensors"`
-		Reason  string          `json:"reason"`
+		Op       string          `json:"op"`
+		GPU      string          `json:"gpu"`
+		Tensors  json.RawMessage `json:"tensors"`
+		Reason   string          `json:"reason"`
+		Released bool            `json:"released"`
 	}
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
@@ -428,8 +429,11 @@ func parsePushLine(b []byte) (pushLine, error) {
 	if dec.More() {
 		return pushLine{}, errorOf(store.ErrInvalid, "a malformed line: more than one JSON value")
 	}
-	l := pushLine{PushOp: PushOp{Op: raw.Op, GPU: raw.GPU, Reason: raw.Reason}}
+	l := pushLine{PushOp: PushOp{Op: raw.Op, GPU: raw.GPU, Reason: raw.Reason, Released: raw.Released}}
 	hasTensors := len(raw.Tensors) > 0 && string(raw.Tensors) != "null"
+	if raw.Released && raw.Op != "commit" {
+		return l, errorOf(store.ErrInvalid, `"released" belongs to "commit" only`)
+	}
 	switch raw.Op {
 	case "written":
 		if raw.GPU == "" {

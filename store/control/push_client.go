@@ -210,8 +210,15 @@ func (p *PushSession) Written(gpu string, names ...string) error {
 
 // Commit makes the push the model's next version. Refused for missing
 // tensors, the push stays open; any other failure has ended it.
-func (p *PushSession) Commit() (*Version, error) {
-	a, err := p.call(PushOp{Op: "commit"})
+func (p *PushSession) Commit() (*Version, error) { return p.commit(false) }
+
+// CommitReleased commits saying that this process has closed every mapping
+// of the staged slabs it was handed (PROTOCOL §3.1): it is not recorded as a
+// holder of the version.
+func (p *PushSession) CommitReleased() (*Version, error) { return p.commit(true) }
+
+func (p *PushSession) commit(released bool) (*Version, error) {
+	a, err := p.call(PushOp{Op: "commit", Released: released})
 	if err != nil {
 		return nil, err
 	}

@@ -272,6 +272,39 @@ func TestPushWrittenOnGPU(t *testing.T) {
 	}
 }
 
+// A writer that closed its mappings says so with the commit and is not
+// recorded as a holder: the version can be freed while it lives.
+func TestPushCommitReleased(t *testing.T) {
+	h := newPushHarness(t, 1, ListenOptions{}, nil, nil)
+	p := h.push(t)
+	s := p.Staged()
+	rep := s.Files[0].Replicas[0]
+	alloc, ok := h.fake.HandleAllocation(cuda.IPCHandle(rep.Handle))
+	if !ok {
+		t.Fatalf("the handle of GPU %s is no allocation", rep.GPU)
+	}
+	data := tensorData(s, 5)
+	var names []string
+	for _, x := range s.Tensors {
+		if err := h.fake.Write(alloc.Ptr+cuda.DevicePtr(x.SlabOffset), data[x.Name]); err != nil {
+			t.Fatal(err)
+		}
+		names = append(names, x.Name)
+	}
+	if err := p.Written(rep.GPU, names...); err != nil {
+		t.Fatal(err)
+	}
+	v, err := p.CommitReleased()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(v.HandleHolders) != 0 {
+		t.Errorf("handle holders %v after a released commit, want none", v.HandleHolders)
+	}
+	<-h.ended
+	checkVersion(t, h.st, "m", 1, data)
+}
+
 func TestPushRefusals(t *testing.T) {
 	h := newPushHarness(t, 1, ListenOptions{}, nil, nil)
 	ctx := context.Background()
@@ -527,6 +560,8 @@ func TestParsePushLine(t *testing.T) {
 		in, err string
 	}{
 		{`{"op": "commit"}`, ""},
+		{`{"op": "commit", "released": true}`, ""},
+		{`{"op": "abort", "released": true}`, `belongs to "commit"`},
 		{`{"op": "abort", "reason": "x"}`, ""},
 		{`{"op": "written", "gpu": "GPU-1", "tensors": ["a"]}`, ""},
 		{`{"op": "write", "tensors": [{"name": "a", "at": 4}]}`, ""},

@@ -68,6 +68,9 @@ type PushOp struct {
 	GPU     string `json:"gpu,omitempty"`
 	Tensors any    `json:"tensors,omitempty"`
 	Reason  string `json:"reason,omitempty"`
+	// Released (commit): the writer closed its mappings of the staged
+	// slabs, so it is not recorded as a holder of the version (§3.1).
+	Released bool `json:"released,omitempty"`
 }
 
 // PushWrite is a tensor whose bytes are in the scratch at offset At.
