@@ -134,7 +134,7 @@ func (s *Server) servePush(w http.ResponseWriter, r *http.Request) {
 	}
 	mc.SetDeadline(time.Time{})
 
-	total, _ := st.Progress()
+	_, total := st.Progress()
 	s.log.Info("push started", "model", req.Name, "writer", writer, "tensors", len(msg.Tensors), "bytes", total,
 		"base", base, "same_layout", msg.SameLayout)
 
