@@ -24,7 +24,9 @@ weightfs binary given by --bin, then checks:
   equal, data_ptrs kept, same files and headers as the loaded base); copy=False rebinds into the
   new slabs; a writer SIGKILLed mid-push leaves nothing visible and frees its memory (and a
   second push of the name meanwhile is refused as busy); rollback gives the old logits back; a
-  torch-free push reads back through the mount with safetensors.safe_open.
+  torch-free push reads back through the mount with safetensors.safe_open; (push-f) a long-lived
+  engine switching every step (copy=True and copy=False) holds only the version it runs on, and
+  every dropped version is freed while it lives.
 Prints one line per check and "N passed, N failed" last; exits non-zero on any failure.
 """
 import argparse
@@ -844,6 +846,45 @@ def main():
             return (f"plain@{res['version']} pushed without torch in {res['seconds'] * 1000:.0f} ms: "
                     f"{len(want)} tensors, safe_open and the GPU slab give the pushed bytes; header 4096-aligned")
         check("(push-e) a torch-free push reads back with safetensors.safe_open", push_e)
+
+        def push_f():
+            # A long-lived engine switching every step holds only the version it runs on: it
+            # releases the others (PROTOCOL §3.1), so the daemon frees each dropped version while
+            # the engine lives (without the release, every version it touched would drain until
+            # it exits: a GPU out of memory after a few steps).
+            eng = engine_proc(sock, src)
+            steps = []
+            try:
+                eng.call("load", path=policy)
+                for i, copy in enumerate((True, True, False, False)):  # copy=True into slab views is refused
+                    n0 = weightfs.resolve_version(policy).number
+                    eng.send("update", path=policy, copy=copy, newer_than=n0, timeout=120)
+                    tr = RoleProc("trainer", sock, "--src", src, "--name", "policy", "--seed", str(2000 + i),
+                                  "--logits", os.path.join(work, f"logits-f{i}.pt")).result()
+                    up = eng.answer(timeout=120)
+                    if up["version"] != tr["version"]:
+                        raise AssertionError(f"step {i}: pushed {tr['version']}, engine updated to {up['version']}")
+                    want = {tr["version"]} if not copy else set()
+
+                    def settled():
+                        ls = wfs("ls")
+                        held = sorted(v["number"] for m in ls["models"] if m["name"] == "policy"
+                                      for v in m["versions"] if eng.p.pid in (v.get("handle_holders") or []))
+                        return (not ls["draining"] and set(held) == want) or None
+                    try:
+                        wait_until(f"step {i}: nothing draining, the engine holding {sorted(want)}", settled, timeout=20)
+                    except AssertionError:
+                        ls = wfs("ls")
+                        raise AssertionError(f"step {i} (copy={copy}): draining "
+                                             f"{[v['name'] + ' held by ' + str(v.get('handle_holders')) for v in ls['draining']]}; "
+                                             f"versions {[(v['name'], v.get('handle_holders')) for m in ls['models'] for v in m['versions'] if m['name'] == 'policy']}") from None
+                    steps.append(f"{'copy' if copy else 'rebind'}->{up['version']}")
+                gpu_bytes = wfs("status")["gpus"][0]["bytes"]
+            finally:
+                eng.close()
+            return (f"engine pid {eng.p.pid} alive through {len(steps)} pushes ({', '.join(steps)}): "
+                    f"after each, nothing draining and it holds only what it runs on; GPU bytes {gpu_bytes}")
+        check("(push-f) a long-lived engine releases the versions it leaves: nothing piles up", push_f)
     finally:
         os.killpg(daemon.pid, signal.SIGTERM)
         try:
