@@ -5,7 +5,6 @@ torch is imported inside the functions that need it, so this module imports with
 
 from __future__ import annotations
 
-import errno
 import gc
 import json
 import logging
