@@ -341,7 +341,7 @@ class TestWithFakeDaemon(unittest.TestCase):
             self.assertTrue(all(a < 512 for a in ats) or all(a >= 512 for a in ats), w)
             self.assertTrue(all(a % wp.SCRATCH_ALIGN == 0 for a in ats))
         self.assertEqual([t["name"] for w in writes for t in w["tensors"]], list(tensors))
-        self.assertEqual(s.ops[-1], {"op": "commit"})
+        self.assertEqual(s.ops[-1], {"op": "commit", "released": True})
 
     def test_fd_after_the_head(self):
         d = self.daemon(fd_with_head=False)

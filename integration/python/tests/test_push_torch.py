@@ -132,6 +132,8 @@ class TestPushTorch(unittest.TestCase):
         written = {n for op in report["ops"] if op["op"] == "written" for n in op["tensors"]}
         self.assertEqual(written, cuda)
         self.assertTrue(all(g.startswith("GPU-") for g in report["gpus"]))
+        # the slabs were dropped before the commit: it says so
+        self.assertEqual(report["ops"][-1], {"op": "commit", "released": True})
 
     @unittest.skipUnless(HAVE_CUDA, "skipping: no CUDA GPU")
     def test_cuda_without_replicas_through_the_scratch(self):

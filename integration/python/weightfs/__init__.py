@@ -7,10 +7,20 @@ import torch when called. ``wait_version`` and ``watch`` (stdlib) hear of a mode
 ``update_model`` (torch) switches a loaded model to one in place, ``resolve_version`` (stdlib)
 tells which version folder a path names.
 
+Long-lived engines: the daemon counts a process that opened a version's GPU handles as a holder
+of that version and frees a version that left the mount only once no live process holds it.
+``update_model`` therefore releases (docs/PROTOCOL.md §3.1) the version it copied from
+(``copy=True``) or rebound away from (``copy=False``) once no slab of it is left open in the
+process; ``release(folder)`` (stdlib) does it by hand, for tensors of ``load_file`` or
+``state_dict`` the caller has dropped. The loaders read headers with ``O_DIRECT``
+(``read_header_direct``), so a version just pushed is mapped without waiting for its host image
+to fill from the GPU.
+
 ``push`` and ``Push`` (stdlib; torch only for torch tensors) write a new version of a model from
 a trainer's memory through the control socket (docs/PROTOCOL.md §8): CUDA tensors straight into
 the daemon's staged GPU slabs, CPU bytes through a shared scratch; the version becomes visible
-atomically at the commit, and nothing does on any failure. The daemon's refusals raise
+atomically at the commit, and nothing does on any failure. The pusher drops its mappings of the
+staged slabs before the commit and says so (``released``), so it holds no version it pushed. The daemon's refusals raise
 ``PushError`` (a ``DaemonError``, a ``WeightfsError``) with its ``code`` and ``message``.
 """
 
@@ -31,7 +41,9 @@ from .manifest import (
     parse_cuda_manifest,
     parse_header,
     read_cuda_manifest,
+    open_direct,
     read_header,
+    read_header_direct,
     slab_end,
     slab_layout,
     slab_size,
@@ -39,6 +51,7 @@ from .manifest import (
 )
 from .errors import DaemonError, DaemonUnreachableError, WeightfsError
 from .push import Push, PushError, default_socket, push
+from .handles import ReleaseError, release
 from .update import ModelMismatchError
 from .versions import (
     ModelGoneError,
@@ -91,7 +104,11 @@ __all__ = [
     "parse_header",
     "push",
     "read_cuda_manifest",
+    "open_direct",
     "read_header",
+    "read_header_direct",
+    "release",
+    "ReleaseError",
     "resolve_version",
     "slab_end",
     "slab_layout",

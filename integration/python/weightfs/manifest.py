@@ -42,6 +42,8 @@ __all__ = [
     "Replica",
     "Manifest",
     "read_header",
+    "read_header_direct",
+    "open_direct",
     "parse_header",
     "slab_layout",
     "slab_end",
@@ -514,6 +516,96 @@ def _read_header_from(f: BinaryIO, where: str, strict: bool) -> Header:
     prefix = _read_exact(f, 8)
     n = _check_prefix(prefix, size, where)
     raw = _read_exact(f, n)
+    if len(raw) != n:
+        raise HeaderError(f"{where}: invalid safetensors header: file ends inside the header",
+                          "truncated")
+    h = _parse_header_json(raw, n, size, where, strict)
+    return Header(h.header_size, h.tensors, h.metadata, h.file_size, where)
+
+
+def open_direct(path: PathLike) -> int:
+    """Open ``path`` read-only with ``O_DIRECT`` (and ``O_CLOEXEC``); a plain read-only open
+    where the file system refuses ``O_DIRECT`` (``EINVAL``: some tmpfs and overlay setups) or
+    the platform has no such flag. Returns the descriptor; the caller closes it.
+
+    On a weightfs mount an ``O_DIRECT`` open answers at once, and reads of the header do too,
+    while a pushed version's host image is still filling from the GPU (docs/PROTOCOL.md §8);
+    a plain open waits for the fill (seconds for a large model).
+    """
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    direct = getattr(os, "O_DIRECT", 0)
+    if direct:
+        try:
+            return os.open(path, flags | direct)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags)
+
+
+def _pread_exact(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` (fewer only at the end of the file), by ``os.pread`` of
+    exactly that range. A file system that wants aligned ``O_DIRECT`` transfers (a local disk)
+    answers ``EINVAL``: ``O_DIRECT`` is then cleared on the descriptor and the read retried."""
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = os.pread(fd, n - len(buf), offset + len(buf))
+        except OSError as e:
+            if e.errno != errno.EINVAL or not _clear_direct(fd):
+                raise
+            continue
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
+def _clear_direct(fd: int) -> bool:
+    """Clear ``O_DIRECT`` on ``fd``; False when it was not set (or cannot be cleared)."""
+    direct = getattr(os, "O_DIRECT", 0)
+    try:
+        import fcntl
+
+        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if not direct or not fl & direct:
+            return False
+        fcntl.fcntl(fd, fcntl.F_SETFL, fl & ~direct)
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def read_header_direct(path_or_fd: PathLike | int, *, strict: bool = True,
+                       path: PathLike | None = None) -> Header:
+    """Read and validate the safetensors header of a file without reading anything past it.
+
+    ``path_or_fd``: a path, opened with :func:`open_direct` (``O_DIRECT``, falling back to a
+    plain open on ``EINVAL``) and closed again, or an open descriptor (``path`` then names the
+    file in errors). The 8-byte prefix and the header are read with ``os.pread`` of exactly
+    those ranges: no buffered read-ahead reaches the tensor bytes, which on a weightfs mount
+    may wait for a pushed version's host image to fill (docs/PROTOCOL.md §8). Use it where the
+    headers are all that is read (the tensors come from the GPU slabs); a file read for its
+    tensor bytes is better read normally.
+    """
+    if isinstance(path_or_fd, int) and not isinstance(path_or_fd, bool):
+        return _read_header_fd(path_or_fd, _where(path if path is not None else path_or_fd),
+                               strict)
+    fd = open_direct(path_or_fd)
+    try:
+        return _read_header_fd(fd, _where(path if path is not None else path_or_fd), strict)
+    finally:
+        os.close(fd)
+
+
+def _read_header_fd(fd: int, where: str, strict: bool) -> Header:
+    try:
+        size: int | None = os.fstat(fd).st_size
+    except OSError:
+        size = None
+    prefix = _pread_exact(fd, 8, 0)
+    n = _check_prefix(prefix, size, where)
+    raw = _pread_exact(fd, n, 8)
     if len(raw) != n:
         raise HeaderError(f"{where}: invalid safetensors header: file ends inside the header",
                           "truncated")

@@ -12,6 +12,9 @@ opens, because it lays the files out from the names, dtypes and shapes (PROTOCOL
   replica this process can map) go through the *scratch*, a shared memfd the daemon passes
   with the staged message: this side fills one half while the daemon copies the other out, so
   nothing large crosses the socket and no copy waits for another needlessly;
+* before the commit this side drops its mappings of the staged slabs and says so
+  (``{"op": "commit", "released": true}``), so the daemon does not count the trainer as a holder
+  of the version it pushed (PROTOCOL §3.1);
 * the commit makes the version current atomically; anything else (an exception, an ``abort``,
   this process dying, the connection closing) leaves nothing visible: the connection is the
   daemon's lease on the staged version.
@@ -452,6 +455,7 @@ class Push:
         self._scratch: Optional[mmap.mmap] = None
         self._view: Optional[memoryview] = None
         self._slabs: dict[tuple[str, str], Any] = {}
+        self._slab_keys: set[tuple[str, bytes]] = set()  # torch_loader's cache keys
         self._sent = 0
         self._answered = 0
         self._conn = _Conn(self.socket, timeout)
@@ -611,13 +615,15 @@ class Push:
         key = (f["path"], rep["gpu"])
         slab = self._slabs.get(key)
         if slab is None:
-            slab = _open_slab(Replica(rep["gpu"], base64.b64decode(rep["handle"]),
-                                      int(f["slab_bytes"])), dev)
+            replica = Replica(rep["gpu"], base64.b64decode(rep["handle"]), int(f["slab_bytes"]))
+            slab = _open_slab(replica, dev)
             self._slabs[key] = slab
+            self._slab_keys.add((replica.uuid, replica.handle))
         torch = _torch()
         dst = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", dev)).set_(
             slab, int(place["slab_offset"]), (e.nbytes,))
         dst.copy_(_flat_u8(t))
+        del dst  # the slab's storage is referenced by self._slabs alone
         self._gpu_names.setdefault(rep["gpu"], []).append(e.name)
         self._gpu_devs.update((dev, t.device.index))
         self._gpu_bytes += e.nbytes
@@ -688,7 +694,7 @@ class Push:
                                  + (", …" if len(missing) > 10 else ""))
             self._send_batch()
             self._send_written()
-            ans = self._await(self._send({"op": "commit"}))
+            ans = self._await(self._send(self._commit_line()))
             ver = (ans or {}).get("version")
             if not isinstance(ver, dict) or not isinstance(ver.get("number"), int):
                 raise PushError("invalid", f"push {self.name}: commit answered {ans!r}")
@@ -699,6 +705,20 @@ class Push:
         self._open = False
         self._close()
         return self.version
+
+    def _commit_line(self) -> dict[str, Any]:
+        """The commit line. The copies into the staged slabs are complete (``_send_written``
+        synchronized the devices), so every slab storage this push opened is dropped first;
+        when none is still open (or none was opened) the commit says ``released`` and the daemon
+        does not count this process as a holder of the new version (PROTOCOL §3.1, §8)."""
+        keys = list(self._slab_keys)
+        self._slabs.clear()  # the push's only references; the copies' temporaries are gone
+        if keys:
+            from .torch_loader import _slabs_closed
+
+            if not _slabs_closed(keys):
+                return {"op": "commit"}
+        return {"op": "commit", "released": True}
 
     def abort(self, reason: str = "aborted by the writer") -> None:
         """Drop the staged version (nothing becomes visible) and close the connection. Does

@@ -5,6 +5,7 @@ torch is imported inside the functions that need it, so this module imports with
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -19,10 +20,14 @@ from .manifest import (
     ManifestError,
     Replica,
     normalize_gpu_uuid,
+    open_direct,
     read_cuda_manifest,
     read_header,
+    read_header_direct,
     torch_dtype_name,
 )
+from .errors import WeightfsError
+from .handles import releasable, release, slab_versions
 from .update import ModelMismatchError, plan_update
 from .versions import resolve_version
 
@@ -114,11 +119,18 @@ def _pick_replica(man: Manifest, target) -> tuple[Replica, int] | None:
 
 
 class _SlabRef:
-    def __init__(self, storage, uuid: str, gpu: str, dev: int, slab_bytes: int):
+    """A weak reference to an opened slab's storage, with what the release bookkeeping needs:
+    the version folder the slab belongs to (None when unknown: a push's staged slab) and its
+    device and base pointer (fixed while the mapping lives)."""
+
+    def __init__(self, storage, uuid: str, gpu: str, dev: int, slab_bytes: int,
+                 version: str | None = None):
         self.uuid = uuid
         self.gpu = gpu
         self.dev = dev
         self.slab_bytes = slab_bytes
+        self.version = version
+        self.ptr = storage.data_ptr()
         self._strong = None
         self._weak = None
         try:
@@ -127,6 +139,12 @@ class _SlabRef:
             self._weak = StorageWeakRef(storage)
         except Exception:  # private API moved: keep the slab open for the process's life
             self._strong = storage
+
+    def alive(self) -> bool:
+        """Whether the storage (so the mapping) is still there, without taking a reference."""
+        if self._strong is not None:
+            return True
+        return self._weak is not None and not self._weak.expired()
 
     def get(self):
         if self._strong is not None:
@@ -144,20 +162,80 @@ _slab_lock = threading.Lock()
 _slabs: dict[tuple[str, bytes], _SlabRef] = {}
 
 
-def _open_slab(replica: Replica, dev: int):
+def _open_slab(replica: Replica, dev: int, version: str | None = None):
+    """The storage of a slab, opened once per process; ``version``: the version folder it
+    belongs to (``os.path.realpath`` of ``MOUNT/NAME@N``), recorded for :func:`update_model`'s
+    release bookkeeping."""
     torch = _torch()
     key = (replica.uuid, replica.handle)
     with _slab_lock:
         ref = _slabs.get(key)
         st = ref.get() if ref is not None else None
         if st is not None:
+            if ref.version is None:
+                ref.version = version
             return st
         torch.cuda._lazy_init()
         with torch.cuda.device(dev):
             st = torch.UntypedStorage._new_shared_cuda(
                 dev, replica.handle, replica.slab_bytes, 0, b"", 0, bytes(64), False)
-        _slabs[key] = _SlabRef(st, replica.uuid, replica.gpu, dev, replica.slab_bytes)
+        _slabs[key] = _SlabRef(st, replica.uuid, replica.gpu, dev, replica.slab_bytes, version)
         return st
+
+
+def _open_slabs() -> list[tuple[str | None, int, int, int]]:
+    """``(version, device, base, bytes)`` of every slab still open in this process; entries of
+    closed slabs are dropped from the cache."""
+    out = []
+    with _slab_lock:
+        for key, ref in list(_slabs.items()):
+            if ref.alive():
+                out.append((ref.version, ref.dev, ref.ptr, ref.slab_bytes))
+            else:
+                del _slabs[key]
+    return out
+
+
+def _slabs_closed(keys: Iterable[tuple[str, bytes]]) -> bool:
+    """Whether every slab of ``keys`` (cache keys) is closed (or was never opened)."""
+    with _slab_lock:
+        return not any(k in _slabs and _slabs[k].alive() for k in keys)
+
+
+def _cuda_pointers(tensors: Iterable[Any]) -> list[tuple[int, int]]:
+    """``(device index, data pointer)`` of the CUDA tensors with elements."""
+    return [(t.device.index, t.data_ptr()) for t in tensors
+            if getattr(t, "is_cuda", False) and not t.is_meta and t.numel()]
+
+
+def _release_closed(candidates: Iterable[str], keep: Iterable[str] = ()) -> list[str]:
+    """Release (PROTOCOL §3.1) the candidate versions of which no slab is open any more in this
+    process; the versions released.
+
+    The caller has dropped its references and synchronized the devices. A slab whose last
+    tensor is gone is unmapped at once by torch (reference counting); one that is still open
+    may be kept alive by a reference cycle (a tensor captured by a cyclic structure, an
+    exception's traceback), which only the cycle collector frees: ``gc.collect()`` runs, once,
+    only in that case, before the check that decides.
+    """
+    cands = set(candidates) - set(keep)
+    if not cands:
+        return []
+    todo = releasable(cands, (v for v, _, _, _ in _open_slabs()), keep)
+    if len(todo) < len(cands):
+        gc.collect()
+        todo = releasable(cands, (v for v, _, _, _ in _open_slabs()), keep)
+    done = []
+    for ver in todo:
+        try:
+            release(ver)
+            done.append(ver)
+        except FileNotFoundError as e:  # the version already left the mount: nothing to tell
+            log.debug("release %s: %s", ver, e)
+        except (OSError, ValueError, WeightfsError) as e:
+            log.warning("release %s: %s; the daemon still counts this process as a holder of "
+                        "that version", ver, e)
+    return done
 
 
 def gpu_pointer_ranges(path_or_manifest: Any = None) -> list[tuple[str, int, int]]:
@@ -202,6 +280,10 @@ def load_file(path, device: Any = None, copy: bool = False, *, prefer: str = "au
     ``prefer``: ``"auto"`` as above; ``"ipc"`` raises when no usable replica exists;
     ``"read"`` never looks at the replicas. ``manifest`` overrides the extended attribute (for
     callers that fetched the record by ioctl).
+
+    The header is read with ``O_DIRECT`` and exact ``pread`` ranges (``read_header_direct``),
+    so a version just pushed is mapped at once, without waiting for its host image to fill
+    from the GPU (docs/PROTOCOL.md §8); only the fallback that reads the tensors waits.
     """
     if prefer not in _PREFER:
         raise ValueError(f"prefer must be one of {_PREFER}, got {prefer!r}")
@@ -214,12 +296,16 @@ def load_file(path, device: Any = None, copy: bool = False, *, prefer: str = "au
             if prefer == "ipc":
                 raise ValueError(f"{where}: prefer='ipc' needs a CUDA device, got {target}")
         else:
-            with open(path, "rb") as f:
-                header = read_header(f)
+            # The symlink MOUNT/NAME is resolved once: the descriptor, the handles and the
+            # version recorded for the slab are of one version.
+            real = os.path.realpath(os.fspath(path))
+            fd = open_direct(real)
+            try:
+                header = read_header_direct(fd, path=where)
                 man, why = manifest, ""
                 if man is None:
                     try:
-                        man = read_cuda_manifest(f.fileno())
+                        man = read_cuda_manifest(fd)
                     except PermissionError as e:
                         why = f"the daemon refused the GPU handles ({e.strerror})"
                         if prefer == "ipc":
@@ -227,12 +313,15 @@ def load_file(path, device: Any = None, copy: bool = False, *, prefer: str = "au
                         log.info("%s: %s; reading the file", where, why)
                 if man is not None:
                     man = _with_path(man, where)
-                    out = _load_ipc(header, man, target, copy, where, prefer == "ipc")
+                    out = _load_ipc(header, man, target, copy, where, prefer == "ipc",
+                                    os.path.dirname(os.fsdecode(real)))
                     if out is not None:
                         return out
                 elif prefer == "ipc":
                     raise RuntimeError(f"{where}: no GPU replica (no {XATTR_CUDA} attribute); "
                                        "is the model loaded with --gpu?")
+            finally:
+                os.close(fd)
     return _load_read(path, target, where)
 
 
@@ -243,7 +332,8 @@ def _with_path(man: Manifest, where: str) -> Manifest:
                     man.extra)
 
 
-def _load_ipc(header: Header, man: Manifest, target, copy: bool, where: str, must: bool):
+def _load_ipc(header: Header, man: Manifest, target, copy: bool, where: str, must: bool,
+              version: str | None = None):
     torch = _torch()
     picked = _pick_replica(man, target)
     if picked is None:
@@ -264,7 +354,7 @@ def _load_ipc(header: Header, man: Manifest, target, copy: bool, where: str, mus
         warnings.warn(f"{where}: GPU manifest does not match the file; reading the file instead",
                       RuntimeWarning, stacklevel=3)
         return None
-    storage = _open_slab(replica, dev)
+    storage = _open_slab(replica, dev, version)
     device = torch.device("cuda", dev)
     out = {}
     for name in header.tensors:  # the file's order
@@ -407,18 +497,29 @@ def update_model(model, folder, copy: bool = True, strict: bool = True, *,
     meanwhile) or ``MOUNT/NAME@N``. Every tensor of that version folder is opened zero-copy (read
     from the mount where no replica is visible), then every name, dtype and shape is checked
     against ``model.state_dict(keep_vars=True)`` (tied weights count once) before anything is
-    touched: ``ModelMismatchError`` (a RuntimeError) names the mismatches.
+    touched: ``ModelMismatchError`` (a RuntimeError) names the mismatches. The headers are read
+    with ``O_DIRECT``, so a version just pushed is switched to at once (its host image may still
+    be filling from the GPU).
 
     ``copy=True``: device-to-device copies into the existing parameters and persistent buffers,
     so every ``data_ptr()`` stays the same and captured CUDA graphs stay valid; returns after
     ``torch.cuda.synchronize`` on the devices involved. Refused (before touching anything) when a
     target tensor is itself a view of a weightfs slab (a model loaded with ``copy=False``): the
-    copy would write into the daemon's old version, which other processes read.
+    copy would write into the daemon's old version, which other processes read. The slab views
+    of the version copied from are then dropped, and that version is released (PROTOCOL §3.1)
+    unless a slab of it is still open in this process.
     ``copy=False``: each parameter's ``.data`` (and each buffer, in its module) is rebound to the
     zero-copy view of the new version's slab on the model's GPU; the views keep their slabs
-    mapped, and the old version's are released with its last tensor.
+    mapped. The version(s) the model's tensors pointed into before are released once no slab of
+    them is left open in this process (the model's old tensors were their last references,
+    unless the caller keeps others).
     ``strict=False`` skips names missing on either side; dtype and shape must still match.
     Non-persistent buffers (rotary ``inv_freq``) are not in checkpoints and are left alone.
+
+    Releasing lets the daemon free versions that left the mount, so a long-lived engine that
+    calls this every step does not keep every version it ever mapped. It is best effort: a
+    version already gone from the mount is skipped (logged at debug), another failure is logged
+    as a warning and does not fail the switch.
     """
     torch = _torch()
     ver = resolve_version(folder)
@@ -453,35 +554,67 @@ def update_model(model, folder, copy: bool = True, strict: bool = True, *,
     names = plan_update({n: (t.dtype, tuple(t.shape), tie(t)) for n, t in targets.items()},
                         {n: (t.dtype, tuple(t.shape)) for n, t in state.items()},
                         strict=strict, where=where)
-    cuda = set()
-    with torch.no_grad():
-        if copy:
-            for n in names:
-                dst, src = targets[n], state[n]
-                dst.detach().copy_(src, non_blocking=True)
-                cuda.update(d.index for d in (dst.device, src.device) if d.type == "cuda")
-        else:
-            params = {id(p) for p in model.parameters()}
-            rebound: dict[int, Any] = {}  # id(old buffer) -> new tensor
-            for n in names:
-                dst, src = targets[n], state[n]
-                if src.device != dst.device:
-                    src = src.to(dst.device)  # no replica on the model's device: a private copy
-                    cuda.update(d.index for d in (dst.device, state[n].device) if d.type == "cuda")
-                if id(dst) in params:
-                    dst.data = src
-                else:
-                    rebound[id(dst)] = src
-            if rebound:
-                for mod in model.modules():
-                    for k, b in list(mod._buffers.items()):
-                        if b is not None and id(b) in rebound:
-                            mod._buffers[k] = rebound[id(b)]
+    slabs = _open_slabs()
+    new = slab_versions(slabs, _cuda_pointers(state.values()))  # the version switched to
+    if copy:
+        cuda = _copy_into(targets, state, names)
+        candidates, keep = new, set()
+    else:
+        old = slab_versions(slabs, _cuda_pointers(targets.values()))  # before rebinding
+        old_devs = {d for v, d, _, _ in slabs if v in old and v not in new}
+        for d in sorted(old_devs):  # nothing queued still reads the old slabs when they close
+            torch.cuda.synchronize(d)
+        cuda = _rebind(model, targets, state, names) | old_devs
+        candidates, keep = old, new | {os.path.realpath(where)}
     for i in sorted(cuda):  # the copies are done before `state` (the slab views) may go
         torch.cuda.synchronize(i)
-    log.info("%s: %s %d tensors of version %d", model.__class__.__name__,
-             "copied" if copy else "rebound", len(names), ver.number)
+    # Drop this frame's references to slab views (copy=True: `state`, the version copied from;
+    # copy=False: `targets`, which holds the model's old buffers) before deciding what is closed.
+    del targets, state, slabs
+    released = _release_closed(candidates, keep)
+    log.info("%s: %s %d tensors of version %d%s", model.__class__.__name__,
+             "copied" if copy else "rebound", len(names), ver.number,
+             f"; released {', '.join(released)}" if released else "")
     return ver.number
+
+
+def _copy_into(targets: dict, state: dict, names: Iterable[str]) -> set:
+    """Copy ``state[n]`` into ``targets[n]`` for each name (queued); the CUDA devices involved.
+    A function of its own, so that no loop variable outlives it."""
+    torch = _torch()
+    cuda = set()
+    with torch.no_grad():
+        for n in names:
+            dst, src = targets[n], state[n]
+            dst.detach().copy_(src, non_blocking=True)
+            cuda.update(d.index for d in (dst.device, src.device) if d.type == "cuda")
+    return cuda
+
+
+def _rebind(model, targets: dict, state: dict, names: Iterable[str]) -> set:
+    """Rebind each parameter's ``.data`` and each buffer to ``state[n]``; the CUDA devices of
+    the private copies made where the new tensor was on another device. A function of its own,
+    so that no loop variable keeps an old tensor alive after it returns."""
+    torch = _torch()
+    cuda = set()
+    with torch.no_grad():
+        params = {id(p) for p in model.parameters()}
+        rebound: dict[int, Any] = {}  # id(old buffer) -> new tensor
+        for n in names:
+            dst, src = targets[n], state[n]
+            if src.device != dst.device:
+                src = src.to(dst.device)  # no replica on the model's device: a private copy
+                cuda.update(d.index for d in (dst.device, state[n].device) if d.type == "cuda")
+            if id(dst) in params:
+                dst.data = src
+            else:
+                rebound[id(dst)] = src
+        if rebound:
+            for mod in model.modules():
+                for k, b in list(mod._buffers.items()):
+                    if b is not None and id(b) in rebound:
+                        mod._buffers[k] = rebound[id(b)]
+    return cuda
 
 
 def _short(keys: Iterable[str], n: int = 10) -> str:
