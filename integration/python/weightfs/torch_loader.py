@@ -372,6 +372,14 @@ def _load_ipc(header: Header, man: Manifest, target, copy: bool, where: str, mus
                                 f"of {itemsize}")
         t = torch.empty(0, dtype=dt, device=device).set_(storage, e.offset // itemsize, e.shape)
         out[name] = t.clone() if copy else t
+    if copy:
+        # The private copies are done before the slab may close; then this process maps no
+        # slab of the version for this file, and says so unless another load still does
+        # (PROTOCOL §3.1): a long-lived process does not keep the version it copied from.
+        torch.cuda.synchronize(dev)
+        del storage, t
+        if version is not None:
+            _release_closed([version])
     return out
 
 
