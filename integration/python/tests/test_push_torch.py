@@ -64,7 +64,7 @@ class Slab:
         assert self.cu.cuMemcpyDtoH_v2(buf, self.ptr.value + off, n) == 0
         return bytes(buf)[:n]
 
-d = test_push.FakeDaemon(slab=Slab() if sys.argv[2] == "slab" else None, scratch_bytes=4096)
+d = test_push.FakeDaemon(slab=Slab() if sys.argv[2] == "slab" else None, scratch_bytes=12000)  # as the daemon: at least the largest tensor
 print(d.path, flush=True)
 sys.stdin.readline()
 s = d.sessions[-1]
@@ -104,7 +104,7 @@ class TestPushTorch(unittest.TestCase):
 
     def tensors(self, device: str) -> dict:
         g = torch.Generator().manual_seed(0)
-        big = torch.randn(40, 50, generator=g)  # 8000 bytes: more than the 4 KiB scratch
+        big = torch.randn(40, 50, generator=g)  # 8000 bytes: more than half the scratch, so it goes alone
         return {
             "bf16": torch.randn(3, 5, generator=g).to(torch.bfloat16).to(device),
             "t": big.to(device).t(),  # not contiguous
