@@ -108,7 +108,8 @@ func (s *Store) Stage(name string, manifest []PushTensor, given map[string][]byt
 		return nil, err
 	}
 	s.log.Info("push staged", "model", name, "writer", st.writerName(), "files", len(st.v.files),
-		"tensors", len(st.tensors), "tensor_bytes", st.plan.TensorBytes, "same_layout", st.plan.SameAsBase)
+		"tensors", len(st.tensors), "tensor_bytes", st.plan.TensorBytes, "same_layout", st.plan.SameAsBase,
+		"seconds", time.Since(st.started).Seconds())
 	return st, nil
 }
 
@@ -165,16 +166,27 @@ func (st *Staged) stage(manifest []PushTensor, given map[string][]byte, layout P
 	for _, b := range given {
 		host += s.arena.Cost(int64(len(b)))
 	}
-	s.reap() // versions that drained meanwhile count as free
-	release, err := s.reserve(st.name, st.source(), host, gpuNeed)
-	if err != nil {
-		return err
-	}
-	if len(gpus) > 0 {
+	// Versions that drained meanwhile count as free, but freeing tens of GB
+	// takes seconds: only a refused push waits for it (Store.Run frees them
+	// in the background otherwise).
+	admit := func() (func(), error) {
+		release, err := s.reserve(st.name, st.source(), host, gpuNeed)
+		if err != nil || len(gpus) == 0 {
+			return release, err
+		}
 		if err := checkGPUMemory(s.gpus, gpuNeed, "push "+st.name); err != nil {
 			release()
-			return err
+			return nil, err
 		}
+		return release, nil
+	}
+	release, err := admit()
+	if err != nil && len(s.Draining()) > 0 {
+		s.reap()
+		release, err = admit()
+	}
+	if err != nil {
+		return err
 	}
 	v := &Version{source: st.source()}
 	defer func() {

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -554,4 +555,48 @@ func TestStageConcurrentWrites(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkPushed(t, v, data)
+}
+
+// A version that drained but was not freed yet (its last holder exited)
+// counts as free for a push's admission, yet a push that fits without it
+// does not wait for its free (seconds for tens of GB): Store.Run frees it.
+func TestStageFreesDrainedOnlyWhenNeeded(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		tight       bool // a host budget that fits the push only without the drained version
+		wantDrained bool // the drained version freed by the push's admission
+	}{
+		{"fits", false, false},
+		{"needs the drained version's memory", true, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			probe := newTestStore(t, Budgets{})
+			size := loadBase(t, probe, "m").HostBytes()
+			budgets := Budgets{}
+			if tc.tight {
+				budgets.Host = 2*size + size/2
+			}
+			s := newTestStore(t, budgets)
+			v1 := loadBase(t, s, "m")
+			v2 := loadBase(t, s, "m")
+			holder := exec.Command("sleep", "60")
+			if err := holder.Start(); err != nil {
+				t.Skipf("no process to hold handles: %v", err)
+			}
+			v1.NoteHandleHolder(holder.Process.Pid)
+			if _, err := s.Unload("m", v1.Number()); err != nil {
+				t.Fatal(err)
+			}
+			holder.Process.Kill()
+			holder.Wait()
+			st, err := s.Stage("m", manifestOf(v2), nil, StageOptions{Writer: "test"})
+			if err != nil {
+				t.Fatalf("stage: %v", err)
+			}
+			defer st.Abort("test over")
+			if freed(v1) != tc.wantDrained {
+				t.Errorf("the drained version freed by the admission: %v, want %v", freed(v1), tc.wantDrained)
+			}
+		})
+	}
 }

@@ -484,6 +484,10 @@ def push_section(args, work, src, total):
                 time.sleep(0.5)
     finally:
         stop_daemon(daemon)
+        if getattr(args, "out", None):  # the daemon's own timings (push staged, pushed, freed)
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "daemon-push.log"), "w") as f:
+                f.write("\n".join(lines) + "\n")
 
     summary = {}
     for m in PUSH_METHODS:
