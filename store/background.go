@@ -98,6 +98,9 @@ func (v *Version) stopBackground() {
 // image was being pinned), and its unregistering would slow every free.
 func (s *Store) fill(ctx context.Context, v *Version, fl hostFill) error {
 	f := fl.file
+	if err := f.buf.Allocate(); err != nil {
+		return fmt.Errorf("%s: %w: %w", f.path, ErrFillFailed, err)
+	}
 	img := f.Bytes()
 	for _, src := range fl.from {
 		for _, r := range src.runs {

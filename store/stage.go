@@ -213,7 +213,14 @@ func (st *Staged) stage(manifest []PushTensor, given map[string][]byte, layout P
 		return attrs{uid: rootAttrs.uid, gid: rootAttrs.gid, perm: rootAttrs.perm & 0o444}
 	}
 	newFile := func(p string, kind Kind, size int64, source string) (*File, error) {
-		buf, err := s.arena.NewBuffer(p, size)
+		newBuffer := s.arena.NewBuffer
+		if kind == Weights {
+			// Its pages are allocated by the first host write or the fill
+			// after the commit (Buffer.Allocate), not on the push's
+			// critical path.
+			newBuffer = s.arena.NewLazyBuffer
+		}
+		buf, err := newBuffer(p, size)
 		if err != nil {
 			return nil, fmt.Errorf("push %s: %s: %w", st.name, p, err)
 		}
@@ -359,6 +366,9 @@ func (st *Staged) lookupLocked(what, name string) (stagedTensor, error) {
 func (st *Staged) WriteTensor(name string, data []byte) error {
 	st.copies.RLock()
 	defer st.copies.RUnlock()
+	if err := st.allocate(name); err != nil {
+		return err
+	}
 	st.mu.Lock()
 	t, err := st.lookupLocked("write", name)
 	if err == nil && int64(len(data)) != t.t.Size {
@@ -381,6 +391,9 @@ func (st *Staged) WriteTensor(name string, data []byte) error {
 // valid until Commit or Abort, which the caller must not overlap with its
 // writes. An unknown name is ErrInvalid; after Commit or Abort, ErrBusy.
 func (st *Staged) HostBytes(name string) ([]byte, error) {
+	if err := st.allocate(name); err != nil {
+		return nil, err
+	}
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	if err := st.checkOpenLocked("host bytes of " + name); err != nil {
@@ -391,6 +404,26 @@ func (st *Staged) HostBytes(name string) ([]byte, error) {
 		return nil, errorf(ErrInvalid, "push %s: host bytes: tensor %q is not in the manifest", st.name, name)
 	}
 	return t.file.Bytes()[t.t.Offset : t.t.Offset+t.t.Size : t.t.Offset+t.t.Size], nil
+}
+
+// allocate allocates the host image tensor name goes to before a host write
+// (st.tensors does not change once staged); an unknown name is left to the
+// caller's checks.
+func (st *Staged) allocate(name string) error {
+	t, ok := st.tensors[name]
+	if !ok {
+		return nil
+	}
+	st.mu.Lock()
+	err := st.checkOpenLocked("write " + name)
+	st.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if err := t.file.buf.Allocate(); err != nil {
+		return fmt.Errorf("push %s: write %q: %w", st.name, name, err)
+	}
+	return nil
 }
 
 // Slab is the staged slab of weights file file on GPU gpu (a UUID), for a
