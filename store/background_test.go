@@ -351,22 +351,33 @@ func allocatedBytes(t *testing.T, f *File) int64 {
 // meanwhile the image costs its estimate, so budgets hold.
 func TestPushAllocatesHostImageAfterCommit(t *testing.T) {
 	g := newGPUStore(t, cudatest.Options{}, Budgets{}, "0")
-	gate := g.fake.Hold("cuMemcpyDtoH_v2")
-	defer gate.Release()
 	manifest := []PushTensor{{Name: "w", DType: safetensors.U8, Shape: []int64{3 << 20}}}
-	v, _ := g.pushOnGPU(t, "m", manifest, 4)
-	f := weightsFiles(v)[0]
+	st, err := g.Stage("m", manifest, nil, StageOptions{Writer: "test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts, err := st.Tensors()
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := pushData(t, st, 4)
+	g.writeOnGPU(t, st, ts[0], g.gpus.List()[0].UUID(), data["w"])
+	f := st.v.files[0]
 	if got := allocatedBytes(t, f); got >= f.Size() {
-		t.Errorf("%d bytes allocated for %s before its fill, want only the header's pages", got, f.Path())
+		t.Errorf("%d bytes allocated for %s while staged, want only the header's pages", got, f.Path())
 	}
 	if f.buf.Cost() < f.Size() {
 		t.Errorf("cost %d while unallocated, want at least its size %d", f.buf.Cost(), f.Size())
 	}
-	gate.Release()
+	v, err := st.Commit(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := f.WaitReady(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	if got := allocatedBytes(t, f); got < f.Size() {
 		t.Errorf("%d bytes allocated for %s after its fill, want all %d", got, f.Path(), f.Size())
 	}
+	checkPushed(t, v, data)
 }
