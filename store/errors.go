@@ -72,6 +72,9 @@ func (e *BudgetError) Error() string { return e.Explain("") }
 // when setting is "".
 func (e *BudgetError) Explain(setting string) string {
 	head := fmt.Sprintf("load %s from %s: needs %s of ", e.Model, e.Source, HumanBytes(e.Need))
+	if writer, ok := strings.CutPrefix(e.Source, pushSource); ok {
+		head = fmt.Sprintf("push %s by %s: needs %s of ", e.Model, writer, HumanBytes(e.Need))
+	}
 	if e.Tier == TierSystem {
 		limit := "the machine can give only %s more (what MemAvailable says of its %s, less a reserve of %s)"
 		if e.Cgroup != "" {

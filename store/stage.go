@@ -120,8 +120,12 @@ func (st *Staged) writerName() string {
 	return st.writer
 }
 
+// pushSource starts the Source of a pushed version (and of its budget
+// refusal, which words it "push NAME by WRITER").
+const pushSource = "a push by "
+
 // source is what the version's Source and a budget refusal say of a push.
-func (st *Staged) source() string { return "a push by " + st.writerName() }
+func (st *Staged) source() string { return pushSource + st.writerName() }
 
 // dropStaged frees the name st held.
 func (s *Store) dropStaged(st *Staged) {

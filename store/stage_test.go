@@ -369,7 +369,7 @@ func TestStageBudgetRefusedBeforeAllocation(t *testing.T) {
 			}
 			_, err := g.Stage("m", big, nil, StageOptions{Writer: "pid 7"})
 			var be *BudgetError
-			if !errors.As(err, &be) || be.Tier != c.tier || !errors.Is(err, ErrNoMemory) || !strings.Contains(err.Error(), "pid 7") {
+			if !errors.As(err, &be) || be.Tier != c.tier || !errors.Is(err, ErrNoMemory) || !strings.HasPrefix(err.Error(), "push m by pid 7: needs ") {
 				t.Fatalf("got %v, want a %s budget refusal", err, c.tier)
 			}
 			if len(g.fake.Allocations()) != allocs || g.Arena().Allocated() != arena || len(g.Pushes()) != 0 {
