@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -209,7 +210,13 @@ func (a *Arena) newBuffer(name string, size int64, allocate bool) (*Buffer, erro
 			return nil, err
 		}
 	}
-	mem, err := unix.Mmap(fd, 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	// MmapPtr, not Mmap: Close unmaps in pieces, which x/sys's Munmap
+	// (whole mappings it made itself) cannot.
+	ptr, err := unix.MmapPtr(fd, 0, nil, uintptr(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	var mem []byte
+	if err == nil {
+		mem = unsafe.Slice((*byte)(ptr), size)
+	}
 	if err != nil {
 		b.Close()
 		return nil, memError(err, "map host image for %s (%d bytes): %w", name, size, err)
@@ -303,7 +310,7 @@ func (b *Buffer) Close() error {
 	defer b.mu.Unlock()
 	var errs []error
 	if b.mem != nil {
-		if err := unix.Munmap(b.mem); err != nil {
+		if err := unmapInPieces(b.mem); err != nil {
 			errs = append(errs, fmt.Errorf("unmap host image: %w", err))
 		}
 		b.mem = nil
@@ -316,4 +323,21 @@ func (b *Buffer) Close() error {
 		b.arena.live.Add(-b.cost.Load())
 	}
 	return errors.Join(errs...)
+}
+
+// unmapPiece is how much of a host image one munmap call tears down.
+const unmapPiece = 1 << 30
+
+// unmapInPieces unmaps mem a piece at a time: one munmap of tens of GB holds
+// the process's mmap lock while its page tables go, stalling every mmap and
+// page fault of the daemon meanwhile (a push being staged while a 16 GB
+// version was freed waited 0.2-0.6 s on the H200).
+func unmapInPieces(mem []byte) error {
+	for off := 0; off < len(mem); off += unmapPiece {
+		n := min(unmapPiece, len(mem)-off)
+		if err := unix.MunmapPtr(unsafe.Pointer(&mem[off]), uintptr(n)); err != nil {
+			return fmt.Errorf("bytes %d to %d: %w", off, off+n, err)
+		}
+	}
+	return nil
 }

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 // shmem is Shmem of /proc/meminfo in bytes: tmpfs and memfd pages, huge
@@ -158,3 +159,38 @@ func TestShmemAccounting(t *testing.T) {
 }
 
 func abs(n int64) int64 { return max(n, -n) }
+
+// Close unmaps a host image larger than one unmap piece in pieces, all of
+// it (an untouched lazy buffer costs no memory).
+func TestBufferCloseUnmapsInPieces(t *testing.T) {
+	a := OpenMemfdArena()
+	defer a.Close()
+	size := int64(2*unmapPiece + 123)
+	b, err := a.NewLazyBuffer("big", size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := uintptr(unsafe.Pointer(&b.Bytes()[0]))
+	mapped := func() bool {
+		maps, err := os.ReadFile("/proc/self/maps")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(string(maps), "\n") {
+			var lo, hi uintptr
+			if _, err := fmt.Sscanf(line, "%x-%x", &lo, &hi); err == nil && lo < start+uintptr(size) && start < hi {
+				return true
+			}
+		}
+		return false
+	}
+	if !mapped() {
+		t.Fatal("the buffer is not in /proc/self/maps")
+	}
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if mapped() {
+		t.Error("part of the buffer is still mapped after Close")
+	}
+}
