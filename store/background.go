@@ -78,6 +78,12 @@ func (s *Store) startBackground(v *Version, fills []hostFill) {
 		for _, f := range v.files {
 			f.computeSum(ctx, s.sums)
 		}
+		if ctx.Err() == nil && s.state != nil {
+			select { // Run writes the manifest with the checksums
+			case s.saveCh <- struct{}{}:
+			default:
+			}
+		}
 	}()
 }
 
@@ -165,6 +171,9 @@ func (f *File) WaitReady(ctx context.Context) error {
 // one of the store's checksum slots (sem).
 func (f *File) computeSum(ctx context.Context, sem chan struct{}) {
 	defer close(f.summed)
+	if f.knownSum {
+		return
+	}
 	if err := f.WaitReady(ctx); err != nil {
 		f.sumErr = err
 		return

@@ -27,14 +27,17 @@ import (
 // at least one 2 MiB page: a 100-byte config.json cost 2 MiB, a 759 KiB model
 // 14 MiB. A file now costs its size rounded up to 4 KiB, whatever its size.
 type Arena struct {
-	kind  string // "tmpfs" or "memfd"
-	dirFD int    // directory fd of the detached tmpfs; -1 for memfd
+	kind  string // "tmpfs", "memfd" or "state" (named files in a state directory)
+	dirFD int    // directory fd of the detached tmpfs or of the images folder; -1 for memfd
 	why   string // why the arena is not tmpfs, when it is not
 	// page is the page size a file of the arena is predicted to be rounded
 	// up to (Cost); the real cost of a buffer is read back from the kernel.
 	page int64
 	// live is the memory of the buffers open now (their real cost).
 	live atomic.Int64
+	// seq names the images of a "state" arena, whose folder state owns.
+	seq   *imageSeq
+	state *StateDir
 }
 
 // smallPage is the base page size that tmpfs and memfd files are made of.
@@ -130,7 +133,8 @@ func openTmpfsArena(sizeLimit int64) (*Arena, error) {
 	return &Arena{kind: "tmpfs", dirFD: fd, page: smallPage}, nil
 }
 
-// Kind says where host images live: "tmpfs" (private, huge=within_size) or "memfd".
+// Kind says where host images live: "tmpfs" (private, huge=within_size),
+// "memfd", or "state" (named files in the state directory's images folder).
 func (a *Arena) Kind() string { return a.kind }
 
 // FallbackReason says why the arena is not a huge-page tmpfs ("" when it is).
@@ -154,6 +158,9 @@ func (a *Arena) Allocated() int64 { return a.live.Load() }
 // Close releases the arena. Buffers already handed out stay valid until they
 // are closed.
 func (a *Arena) Close() error {
+	if a.kind == "state" {
+		return nil // the StateDir owns the folder
+	}
 	if a.dirFD >= 0 {
 		err := unix.Close(a.dirFD)
 		a.dirFD = -1
@@ -182,7 +189,13 @@ func (a *Arena) newBuffer(name string, size int64, allocate bool) (*Buffer, erro
 	}
 	var fd int
 	var err error
-	if a.kind == "tmpfs" {
+	var image string
+	if a.kind == "state" {
+		fd, image, err = a.createImage()
+		if err != nil {
+			return nil, fmt.Errorf("create host image for %s in %s: %w", name, filepath.Join(a.state.path, imagesDir), err)
+		}
+	} else if a.kind == "tmpfs" {
 		fd, err = unix.Openat(a.dirFD, ".", unix.O_TMPFILE|unix.O_RDWR|unix.O_CLOEXEC, 0o600)
 		if err != nil {
 			return nil, fmt.Errorf("create host image for %s in private tmpfs: %w", name, err)
@@ -194,11 +207,11 @@ func (a *Arena) newBuffer(name string, size int64, allocate bool) (*Buffer, erro
 		}
 	}
 	f := os.NewFile(uintptr(fd), "weightfs:"+name)
+	b := &Buffer{file: f, name: name, image: image, size: size, arena: a}
 	if err := f.Truncate(size); err != nil {
-		f.Close()
+		b.Close()
 		return nil, fmt.Errorf("size host image for %s to %d bytes: %w", name, size, err)
 	}
-	b := &Buffer{file: f, name: name, size: size, arena: a}
 	if size == 0 {
 		return b, nil
 	}
@@ -278,6 +291,7 @@ type Buffer struct {
 	mu    sync.Mutex
 	file  *os.File
 	name  string
+	image string // its file's name in a "state" arena's folder ("" elsewhere)
 	mem   []byte
 	size  int64
 	cost  atomic.Int64 // host memory taken, from the kernel's block count once allocated
@@ -321,6 +335,9 @@ func (b *Buffer) Close() error {
 		}
 		b.file = nil
 		b.arena.live.Add(-b.cost.Load())
+		if b.image != "" && b.arena.state != nil {
+			errs = append(errs, b.arena.state.removeImage(b.image))
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -245,6 +245,7 @@ func (s *Store) Unload(name string, number int) ([]*Version, error) {
 			h(m)
 		}
 	}
+	s.saveState()
 	s.removed(gone, onRemove, "")
 	return gone, nil
 }
@@ -326,6 +327,9 @@ func (s *Store) Rollback(name string, to int) (*Version, error) {
 	}
 	hooks := slices.Clone(s.onCurrent)
 	s.mu.Unlock()
+	if target != nil && target != from {
+		s.saveState()
+	}
 	switch {
 	case target == nil && to > 0:
 		return nil, errorf(ErrNotFound, "rollback %s: no version %d (versions: %s)", name, to, list)
@@ -429,6 +433,8 @@ func (s *Store) Run(ctx context.Context, every time.Duration) {
 			return
 		case <-t.C:
 			s.reap()
+		case <-s.saveCh:
+			s.saveState() // checksums became known (background.go)
 		}
 	}
 }

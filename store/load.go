@@ -519,6 +519,9 @@ feed:
 		}
 		s.log.Error("GPU residency failed; the host copy serves", "source", root, "err", gpuErr)
 	}
+	for i, f := range files {
+		f.file.srcID, f.file.hasSrcID = ids[i], true
+	}
 	v = s.buildVersion(root, files)
 	v.gpuErr = gpuErr
 	return v, nil

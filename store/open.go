@@ -1,6 +1,8 @@
 package store
 
 import (
+	"context"
+	"errors"
 	"log/slog"
 )
 
@@ -23,6 +25,12 @@ type Config struct {
 	// stay when one is committed (the current one always stays); 0 keeps
 	// all. The flag's default is DefaultKeepVersions.
 	KeepVersions int
+	// StateDir is --state-dir: where host images and the manifest outlive a
+	// killed daemon ("": nowhere, images die with the daemon).
+	StateDir string
+	// Fresh is --fresh: delete what an earlier daemon left in StateDir
+	// instead of adopting it.
+	Fresh bool
 }
 
 // Open sets up a daemon's store: its host memory (a huge-page tmpfs, or
@@ -65,12 +73,12 @@ func Open(cfg Config) (st *Store, closeAll func(), err error) {
 			return nil, nil, errorf(ErrInvalid, "--gpu-memory %w", err)
 		}
 	}
-	arena, err := OpenArena(0)
+	arena, sd, err := openArena(cfg, log)
 	if err != nil {
 		closeGPUs()
 		return nil, nil, err
 	}
-	if arena.Kind() != "tmpfs" {
+	if arena.Kind() == "memfd" {
 		log.Warn("host images in memfd without huge pages; mmap readers will be slower", "reason", arena.FallbackReason())
 	}
 	if m, err := ReadSystemMemory(); err == nil {
@@ -82,6 +90,33 @@ func Open(cfg Config) (st *Store, closeAll func(), err error) {
 		log.Info("host memory admission", attrs...)
 	}
 	st = New(arena, Options{Logger: log, GPUs: gpus, Budgets: budgets, MemoryReserve: reserve,
-		KeepVersions: cfg.KeepVersions})
+		KeepVersions: cfg.KeepVersions, State: sd})
+	if sd != nil {
+		st.Adopt(context.Background())
+	}
 	return st, func() { st.Close(); closeGPUs() }, nil
+}
+
+// openArena opens the state directory and its arena, or, with no
+// --state-dir or one that cannot hold memory-backed images (not root, no
+// tmpfs), the private arena as before, with a warning. A state directory
+// that is refused (another user's, writable by others, in use) is an error.
+func openArena(cfg Config, log *slog.Logger) (*Arena, *StateDir, error) {
+	if cfg.StateDir != "" {
+		sd, err := OpenStateDir(cfg.StateDir, cfg.Fresh)
+		switch {
+		case err == nil:
+			if cfg.Fresh {
+				log.Info("--fresh: deleted the host images and manifest an earlier daemon left", "state_dir", sd.Path())
+			}
+			log.Info("state directory: host images outlive a killed daemon", "state_dir", sd.Path(), "mounted_tmpfs", sd.mounted)
+			return OpenStateArena(sd), sd, nil
+		case errors.Is(err, ErrInvalid) || errors.Is(err, ErrBusy):
+			return nil, nil, err
+		default:
+			log.Warn("state directory unusable: host images die with the daemon and a restart re-reads sources", "err", err)
+		}
+	}
+	a, err := OpenArena(0)
+	return a, nil, err
 }

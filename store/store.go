@@ -55,6 +55,11 @@ type Store struct {
 	nextIno atomic.Uint64
 	// sums holds a slot per file being checksummed (background.go).
 	sums chan struct{}
+	// state is the state directory (nil: none); stateMu orders the
+	// manifest's writes; saveCh asks Run to write it (adopt.go).
+	state   *StateDir
+	stateMu sync.Mutex
+	saveCh  chan struct{}
 }
 
 // ReservedInos are inode numbers the store never hands out: 1 is the mount's
@@ -84,6 +89,11 @@ type Options struct {
 	// number. Older ones are unloaded (they drain as for Unload). 0 keeps
 	// every version; daemons use DefaultKeepVersions.
 	KeepVersions int
+	// State, if set, is the state directory whose images folder the arena
+	// keeps host images in (OpenStateArena): the store writes its manifest
+	// and can Adopt what an earlier daemon left. The store owns it from
+	// now on; Close deletes the images and the manifest.
+	State *StateDir
 }
 
 // DefaultKeepVersions is what a daemon keeps of each model: the current
@@ -100,7 +110,8 @@ func New(arena *Arena, opts Options) *Store {
 	s := &Store{arena: arena, log: opts.Logger, gpus: opts.GPUs, budgets: opts.Budgets, logEvery: opts.LogEvery,
 		sysmem: opts.SystemMemory, memReserve: opts.MemoryReserve, keep: max(opts.KeepVersions, 0),
 		models: map[string]*Model{}, loads: map[*Load]bool{}, staged: map[string]*Staged{}, lastNumber: map[string]int{},
-		watchers: map[string]chan struct{}{}, sums: make(chan struct{}, checksumWorkers())}
+		watchers: map[string]chan struct{}{}, sums: make(chan struct{}, checksumWorkers()),
+		state: opts.State, saveCh: make(chan struct{}, 1)}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -200,6 +211,11 @@ func (s *Store) Close() error {
 	s.models = nil
 	s.draining = nil
 	errs = append(errs, s.arena.Close())
+	if s.state != nil {
+		s.stateMu.Lock() // a save in progress ends first
+		errs = append(errs, s.state.close(true))
+		s.stateMu.Unlock()
+	}
 	return errors.Join(errs...)
 }
 
@@ -240,6 +256,7 @@ func (s *Store) commit(name string, v *Version, fills []hostFill) error {
 	for _, h := range onCurrent {
 		h(m)
 	}
+	s.saveState()
 	s.announce(gone, onRemove, fmt.Sprintf("retention: %s committed, keeping the newest %d versions and the current one", v.Name(), s.keep))
 	if len(gone) > 0 {
 		// Freeing a version (unpinning and freeing tens of GB) takes
@@ -503,6 +520,12 @@ type File struct {
 	summed   chan struct{}
 	sum      uint64
 	sumErr   error
+	knownSum bool // sum was recorded by the daemon that loaded it (adopt.go)
+
+	// srcID is the source's identity when it was read (hasSrcID), for
+	// the manifest.
+	srcID    fileID
+	hasSrcID bool
 }
 
 // Name is the file's base name.

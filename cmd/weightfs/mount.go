@@ -55,6 +55,8 @@ Sizes: bytes, Ki/Mi/Gi/Ti (or KiB…TiB, K…T: binary), KB…TB (decimal), or a
 	fl.StringVar(&f.store.MemoryReserve, "memory-reserve", "", "host memory a load leaves free below the machine's and the memory cgroup's limits: a size or a percentage of each; default: the larger of 1Gi and 5%")
 	fl.StringVar(&f.store.GPUMemory, "gpu-memory", "", "GPU memory budget on each --gpu: a size or a percentage of the GPU's memory")
 	fl.IntVar(&f.store.KeepVersions, "keep-versions", store.DefaultKeepVersions, "versions of each model kept when one is committed, the current one always among them; older ones are unloaded (0: keep all)")
+	fl.StringVar(&f.store.StateDir, "state-dir", store.DefaultStateDir, "keep host images and their manifest here, so that a restarted daemon adopts them instead of re-reading sources (\"\": off)")
+	fl.BoolVar(&f.store.Fresh, "fresh", false, "delete what an earlier daemon left in --state-dir instead of adopting it")
 	fl.StringVar(&f.metrics, "metrics-addr", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9464)")
 	fl.BoolVar(&f.debug, "debug", false, "log every FUSE request")
 	f.push.register(fl)
@@ -139,7 +141,7 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 		go control.Serve(ctx, metricsListener, handler, log, "metrics")
 	}
 	go st.Run(ctx, 2*time.Second)
-	go a.loadModels(ctx, ctl, srv.Mountpoint(), len(st.GPUs().List()), log, models)
+	go a.loadModels(ctx, st, ctl, srv.Mountpoint(), len(st.GPUs().List()), log, models)
 	err = srv.Serve(sig)
 	if errors.Is(err, wfs.ErrFilesOpen) {
 		os.Exit(0) // free nothing: the kernel may still ask for the open files
@@ -149,8 +151,15 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 
 // loadModels loads the --model folders, with a progress bar on a terminal
 // in text mode. A failed load is logged and the daemon goes on serving.
-func (a *app) loadModels(ctx context.Context, ctl *control.Server, mountpoint string, gpus int, log *slog.Logger, models []store.ModelSpec) {
+func (a *app) loadModels(ctx context.Context, st *store.Store, ctl *control.Server, mountpoint string, gpus int, log *slog.Logger, models []store.ModelSpec) {
 	for _, m := range models {
+		if v := st.Serving(m.Name, m.Path); v != nil { // adopted from --state-dir
+			log.Info("serving the adopted version; not re-read", "version", v.Name(), "source", v.Source())
+			if a.logFormat == "text" {
+				report.Served(a.stdout, mountpoint, v, gpus)
+			}
+			continue
+		}
 		progress, done := func(int64, int64) {}, func() {}
 		if a.logFormat == "text" {
 			progress, done = report.Progress(a.stderr, "loading "+m.Name)
