@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -52,8 +53,13 @@ type daemon struct {
 	done   chan struct{}
 }
 
+// startDaemon starts the built daemon; a mount gets a state directory of
+// its own unless args name one (never the machine's /run/weightfs).
 func startDaemon(t testing.TB, args ...string) *daemon {
 	t.Helper()
+	if len(args) > 0 && args[0] == "mount" && !slices.Contains(args, "--state-dir") {
+		args = append(args, "--state-dir", testStateDir(t))
+	}
 	d := &daemon{cmd: exec.Command(daemonBinary(t), args...), done: make(chan struct{})}
 	pr, pw, err := os.Pipe()
 	must(t, err)
@@ -239,7 +245,7 @@ func TestDaemonJSONLogs(t *testing.T) {
 	mnt := t.TempDir()
 	var stdout, stderr syncBuffer
 	cmd := exec.Command(daemonBinary(t), "mount", mnt, "--log-format", "json", "--demo", "--model", "bad="+bad,
-		"--debug", "--socket", filepath.Join(t.TempDir(), "control.sock"))
+		"--debug", "--socket", filepath.Join(t.TempDir(), "control.sock"), "--state-dir", testStateDir(t))
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	must(t, cmd.Start())
 	done := make(chan error, 1)
