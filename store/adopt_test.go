@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/weightfs/weightfs/cuda/cudatest"
 )
 
 // stateDir is a fresh state directory; as root OpenStateDir mounts a tmpfs
@@ -28,7 +30,7 @@ func openStateStore(t *testing.T, dir string, fresh bool) (*Store, AdoptResult) 
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := New(OpenStateArena(sd), Options{State: sd})
+	s := New(OpenStateArena(sd), Options{State: sd, Logger: quiet})
 	t.Cleanup(func() { s.Close() })
 	return s, s.Adopt(context.Background())
 }
@@ -303,5 +305,40 @@ func TestStateDirRefused(t *testing.T) {
 	defer sd.close(true)
 	if _, err := OpenStateDir(good, false); err == nil || !strings.Contains(err.Error(), "another daemon") {
 		t.Errorf("a second daemon: %v", err)
+	}
+}
+
+// TestAdoptReplicatesToGPUs: an adopted version's weights files are copied
+// to the GPUs from their host images, as a load does.
+func TestAdoptReplicatesToGPUs(t *testing.T) {
+	dir := stateDir(t)
+	s, _ := openStateStore(t, dir, false)
+	src := writeShardedFolder(t, 3)
+	v, err := s.Load(context.Background(), "m", src, LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := snapshot(v)
+	crash(s)
+
+	g := newGPUStore(t, cudatest.Options{}, Budgets{})
+	g.Close() // only its GPUs and fake driver are used
+	sd, err := OpenStateDir(dir, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2 := New(OpenStateArena(sd), Options{State: sd, GPUs: g.gpus, Logger: quiet})
+	defer s2.Close() // before the GPUs close and the fake checks that all is freed
+	res := s2.Adopt(context.Background())
+	if len(res.Adopted) != 1 {
+		t.Fatalf("adopted %d, dropped %v", len(res.Adopted), res.Dropped)
+	}
+	got := res.Adopted[0]
+	sameVersion(t, got, want)
+	if got.GPUError() != nil {
+		t.Fatal(got.GPUError())
+	}
+	if r := got.Residency(); len(r) != 2 || r[0] != "host" {
+		t.Errorf("residency %v, want the host and the GPU", r)
 	}
 }
