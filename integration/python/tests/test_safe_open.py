@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 import unittest
+import warnings
+from unittest import mock
 
 import stfiles
 from test_conformance import CORPUS, load_corpus
@@ -141,6 +143,17 @@ class SafeOpenTests(unittest.TestCase):
     def test_header_matches_parser(self):
         with weightfs.safe_open(self.mixed, "pt") as f:
             self.assertEqual(f.header.tensors, m.read_header(self.mixed).tensors)
+
+
+class LoadModelRenameTests(unittest.TestCase):
+    def test_load_model_deprecated(self):
+        with warnings.catch_warnings(record=True) as w, \
+                mock.patch("weightfs.torch_loader.load_model_folder", return_value="m") as lmf:
+            warnings.simplefilter("always")
+            self.assertEqual(weightfs.load_model("model", "folder", strict=False), "m")
+        lmf.assert_called_once_with("model", "folder", None, False, False, prefer="auto")
+        self.assertTrue(any(issubclass(x.category, DeprecationWarning)
+                            and "load_model_folder" in str(x.message) for x in w), w)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ class safe_open:  # noqa: N801 - the reference's name, so that a swapped import 
     ``safetensors.safe_open``. ``device``: ``None`` (a replica on any visible GPU, else CPU),
     ``"cpu"`` (always read the file), ``"cuda"``, ``"cuda:N"``, an index or a ``torch.device``
     (only a replica on that GPU counts; otherwise the file is read onto it). ``copy=True``:
-    private device copies of the slab's tensors instead of views.
+    private device copies of the slab's tensors instead of views. ``manifest`` (keyword only)
+    overrides the ``user.weightfs.cuda`` attribute, as :func:`weightfs.load_file`'s does.
 
     The symlink ``MOUNT/NAME`` is resolved once and the file held open until :meth:`close`, so
     every tensor comes from one version. Views share the daemon's memory: treat them as
@@ -62,7 +63,7 @@ class safe_open:  # noqa: N801 - the reference's name, so that a swapped import 
     """
 
     def __init__(self, filename: PathLike, framework: str = "pt", device: Device = None,
-                 copy: bool = False):
+                 copy: bool = False, *, manifest: Optional[Manifest] = None):
         self._where = os.fsdecode(os.fspath(filename))
         if framework not in FRAMEWORKS:
             raise SafetensorError(
@@ -75,11 +76,13 @@ class safe_open:  # noqa: N801 - the reference's name, so that a swapped import 
         self._fd: Optional[int] = open_direct(self._real)
         try:
             self._header: Header = read_header_direct(self._fd, path=self._where)
-            try:
-                self._manifest: Optional[Manifest] = read_cuda_manifest(self._fd)
-                self._manifest_error = ""
-            except PermissionError as e:  # the daemon refuses the handles to this user
-                self._manifest, self._manifest_error = None, e.strerror or str(e)
+            self._manifest: Optional[Manifest] = manifest
+            self._manifest_error = ""
+            if manifest is None:
+                try:
+                    self._manifest = read_cuda_manifest(self._fd)
+                except PermissionError as e:  # the daemon refuses the handles to this user
+                    self._manifest_error = e.strerror or str(e)
         except BaseException:
             os.close(self._fd)
             self._fd = None
