@@ -85,13 +85,14 @@ class BackendTests(unittest.TestCase):
 
 @unittest.skipUnless(HAVE_VENV, NO_VENV)
 class OfflineInstallTests(unittest.TestCase):
-    def install(self, *flags: str) -> None:
+    def install(self, *flags: str, editable: bool = False) -> None:
         with tempfile.TemporaryDirectory() as d:
             venv = os.path.join(d, "v")
             subprocess.run([sys.executable, "-m", "venv", venv], check=True,
                            capture_output=True, env=_env())
             py = os.path.join(venv, "bin", "python")
-            r = subprocess.run([py, "-m", "pip", "install", "--no-index", *flags, PKG_DIR],
+            target = ["-e", PKG_DIR] if editable else [PKG_DIR]
+            r = subprocess.run([py, "-m", "pip", "install", "--no-index", *flags, *target],
                                capture_output=True, text=True, env=_env(), cwd=d)
             self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
             probe = ("import os, weightfs; d = os.path.dirname(weightfs.__file__); "
@@ -101,13 +102,17 @@ class OfflineInstallTests(unittest.TestCase):
             self.assertEqual(r.returncode, 0, r.stderr)
             ver, typed, where = r.stdout.split()
             self.assertEqual((ver, typed), (weightfs.__version__, "True"))
-            self.assertTrue(where.startswith(venv), where)  # the installed copy, not the tree
+            want = os.path.join(PKG_DIR, "weightfs") if editable else venv
+            self.assertTrue(where.startswith(want), (where, want))  # which copy is imported
 
     def test_install_offline(self):
         self.install()
 
     def test_install_offline_no_build_isolation(self):
         self.install("--no-build-isolation")
+
+    def test_install_offline_editable(self):
+        self.install(editable=True)
 
 
 if __name__ == "__main__":
