@@ -37,6 +37,7 @@ test-go:
 	$(GO) test $(GOFLAGS) -count=1 -timeout 40m ./...
 
 test-python: build
+	@python3 -c 'import venv, ensurepip' 2>/dev/null || (apt-get update -qq && apt-get install -y -qq python3-venv) || echo "python3-venv unavailable: the offline install test (test_install.py) will skip"
 	python3 -m unittest discover -s integration/python/tests -v
 
 ## bench: side-by-side throughput of the mount against tmpfs, and the codec against zstd (prints ratios).

@@ -149,7 +149,7 @@ class TorchReadTests(unittest.TestCase):
         self.assertEqual(sorted(sd), ["embed.weight", "proj.bias", "proj.weight"])
         with torch.device("meta"):
             model = _Tiny()
-        out = weightfs.load_model(model, folder)
+        out = weightfs.load_model_folder(model, folder)
         self.assertIs(out, model)
         self.assertFalse(any(p.is_meta for p in model.parameters()))
         self.assertIs(model.lm_head.weight, model.embed.weight)
@@ -162,11 +162,11 @@ class TorchReadTests(unittest.TestCase):
         with torch.device("meta"):
             model = _Tiny(extra=True)
         with self.assertRaisesRegex(RuntimeError, "missing keys: extra.weight"):
-            weightfs.load_model(model, folder)
+            weightfs.load_model_folder(model, folder)
         with torch.device("meta"):
             model = _Tiny(extra=True)
         with self.assertWarnsRegex(RuntimeWarning, "still on the meta device.*extra.weight"):
-            weightfs.load_model(model, folder, strict=False)
+            weightfs.load_model_folder(model, folder, strict=False)
         self.assertTrue(model.extra.weight.is_meta)
 
     def test_update_model(self):
@@ -461,7 +461,7 @@ class CudaIPCTests(unittest.TestCase):
                         torch.device("meta"):
                     model = transformers.AutoModelForCausalLM.from_config(cfg)
                 with mock.patch.object(tl, "read_cuda_manifest", fake):
-                    weightfs.load_model(model, folder, device=self.dev, prefer=prefer)
+                    weightfs.load_model_folder(model, folder, device=self.dev, prefer=prefer)
                 model.eval()
                 self.assertIs(model.lm_head.weight, model.model.embed_tokens.weight)
                 left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())

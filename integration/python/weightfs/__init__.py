@@ -2,8 +2,10 @@
 holds them there.
 
 ``weightfs.manifest`` (header parsing, slab layout, the ``user.weightfs.cuda`` record) needs only
-the standard library. ``load_file``, ``state_dict``, ``load_model`` and ``gpu_pointer_ranges``
-import torch when called. ``wait_version`` and ``watch`` (stdlib) hear of a model's new versions;
+the standard library. ``safe_open`` has the interface of ``safetensors.safe_open`` (what engines
+call) and serves zero-copy views of the slabs; it imports torch at the first tensor.
+``load_file``, ``state_dict``, ``load_model_folder`` and ``gpu_pointer_ranges`` import torch
+when called (``load_model`` is its deprecated spelling). ``wait_version`` and ``watch`` (stdlib) hear of a model's new versions;
 ``update_model`` (torch) switches a loaded model to one in place, ``resolve_version`` (stdlib)
 tells which version folder a path names.
 
@@ -49,7 +51,15 @@ from .manifest import (
     slab_size,
     torch_dtype_name,
 )
-from .errors import DaemonError, DaemonUnreachableError, WeightfsError
+from ._version import __version__
+from .errors import (
+    DaemonError,
+    DaemonUnreachableError,
+    NoReplicaError,
+    SafetensorError,
+    WeightfsError,
+)
+from .safeopen import SafeSlice, safe_open
 from .push import Push, PushError, default_socket, push
 from .handles import ReleaseError, release
 from .update import ModelMismatchError
@@ -66,12 +76,11 @@ from .torch_loader import (
     gpu_pointer_ranges,
     load_file,
     load_model,
+    load_model_folder,
     state_dict,
     torch_dtype,
     update_model,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_ALIGN",
@@ -100,6 +109,11 @@ __all__ = [
     "gpu_pointer_ranges",
     "load_file",
     "load_model",
+    "load_model_folder",
+    "NoReplicaError",
+    "SafeSlice",
+    "SafetensorError",
+    "safe_open",
     "parse_cuda_manifest",
     "parse_header",
     "push",

@@ -9,12 +9,29 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-__all__ = ["WeightfsError", "DaemonError", "DaemonUnreachableError"]
+__all__ = ["WeightfsError", "SafetensorError", "NoReplicaError", "DaemonError",
+           "DaemonUnreachableError"]
 
 
 class WeightfsError(Exception):
-    """Base of the errors raised for what the daemon says or does (not for bad arguments,
-    which raise ``ValueError``/``TypeError`` as usual)."""
+    """Base of every error class this package defines, so that ``except weightfs.WeightfsError``
+    catches whatever weightfs itself raises about files, manifests, versions and the daemon.
+    Each subclass also keeps the builtin base it had (``ValueError``, ``RuntimeError``,
+    ``FileNotFoundError``, …), so code written against those keeps working. Bad arguments
+    (a wrong type, an unknown option) raise plain ``ValueError``/``TypeError`` as usual."""
+
+
+class SafetensorError(WeightfsError):
+    """What ``safetensors.SafetensorError`` (an ``Exception`` subclass) reports, raised by
+    :func:`weightfs.safe_open`: a tensor name the file does not contain, a closed file, a
+    framework other than torch. Named alike so that code ported from safetensors reads the
+    same; a malformed header raises :class:`weightfs.HeaderError`, which is one too."""
+
+
+class NoReplicaError(WeightfsError, RuntimeError):
+    """``prefer="ipc"`` was asked and the file has no GPU replica this process can use (no
+    ``user.weightfs.cuda`` record, or none on a visible GPU matching the device). The message
+    says which replicas exist and which GPUs the process sees."""
 
 
 class DaemonError(WeightfsError):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Iterable, List, Optional, Set, Tuple
+from typing import Iterable, List, Optional, Set, Tuple, Union
 
 from .errors import WeightfsError
 from .manifest import open_direct
@@ -54,7 +54,7 @@ def _version_file(folder: str) -> str:
     return os.path.join(folder, pick)
 
 
-def release(path) -> None:
+def release(path: Union[str, "os.PathLike[str]"]) -> None:
     """Tell the daemon that this process has closed every mapping it had of a version's GPU
     slabs (all files of the version), so that it no longer counts it as a holder.
 

@@ -25,6 +25,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Mapping, Union
 
+from .errors import SafetensorError, WeightfsError
+
 __all__ = [
     "XATTR_CUDA",
     "MAX_HEADER_SIZE",
@@ -139,20 +141,21 @@ HEADER_ERROR_CLASSES = (
 )
 
 
-class HeaderError(ValueError):
+class HeaderError(SafetensorError, ValueError):
     """The safetensors header of a file is malformed. ``cls`` is the reason, one of
-    :data:`HEADER_ERROR_CLASSES`."""
+    :data:`HEADER_ERROR_CLASSES`. A ``SafetensorError`` (what the reference raises for a bad
+    header) and, as before, a ``ValueError``."""
 
     def __init__(self, message: str, cls: str = "invalid_json"):
         super().__init__(message)
         self.cls = cls
 
 
-class ManifestError(ValueError):
+class ManifestError(WeightfsError, ValueError):
     """The ``user.weightfs.cuda`` record of a file is malformed."""
 
 
-class UnsupportedDtypeError(TypeError):
+class UnsupportedDtypeError(WeightfsError, TypeError):
     """A safetensors dtype has no torch equivalent."""
 
 

@@ -11,7 +11,10 @@ import logging
 import os
 import threading
 import warnings
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple, TypeVar, Union
+
+if TYPE_CHECKING:  # torch stays optional: only type checkers import it here
+    import torch
 
 from .manifest import (
     XATTR_CUDA,
@@ -19,6 +22,7 @@ from .manifest import (
     Manifest,
     ManifestError,
     Replica,
+    SlabEntry,
     normalize_gpu_uuid,
     open_direct,
     read_cuda_manifest,
@@ -26,13 +30,19 @@ from .manifest import (
     read_header_direct,
     torch_dtype_name,
 )
-from .errors import WeightfsError
+from .errors import NoReplicaError, WeightfsError
 from .handles import releasable, release, slab_versions
 from .update import ModelMismatchError, plan_update
 from .versions import resolve_version
 
-__all__ = ["load_file", "state_dict", "load_model", "update_model", "gpu_pointer_ranges",
-           "torch_dtype"]
+#: What the loaders accept as a file or folder name.
+PathLike = Union[str, "os.PathLike[str]"]
+#: A device as torch spells it (``"cuda:0"``, ``torch.device``, an index), or None.
+Device = Union[None, int, str, "torch.device"]
+ModuleT = TypeVar("ModuleT", bound="torch.nn.Module")
+
+__all__ = ["load_file", "state_dict", "load_model_folder", "load_model", "update_model",
+           "gpu_pointer_ranges", "torch_dtype"]
 
 log = logging.getLogger("weightfs")
 
@@ -48,7 +58,7 @@ def _torch():
     return torch
 
 
-def torch_dtype(st_dtype: str):
+def torch_dtype(st_dtype: str) -> "torch.dtype":
     """The torch dtype for a safetensors dtype string (``"BF16"`` -> ``torch.bfloat16``)."""
     torch = _torch()
     name = torch_dtype_name(st_dtype)
@@ -238,7 +248,8 @@ def _release_closed(candidates: Iterable[str], keep: Iterable[str] = ()) -> list
     return done
 
 
-def gpu_pointer_ranges(path_or_manifest: Any = None) -> list[tuple[str, int, int]]:
+def gpu_pointer_ranges(path_or_manifest: Union[None, PathLike, Manifest] = None
+                       ) -> List[Tuple[str, int, int]]:
     """``(gpu, base_ptr, slab_bytes)`` for the slabs this process has open.
 
     With a path (or a :class:`Manifest`), only the slabs of that file; with no argument, every
@@ -267,8 +278,9 @@ def gpu_pointer_ranges(path_or_manifest: Any = None) -> list[tuple[str, int, int
 # load_file
 
 
-def load_file(path, device: Any = None, copy: bool = False, *, prefer: str = "auto",
-              manifest: Manifest | None = None) -> dict:
+def load_file(path: PathLike, device: Device = None, copy: bool = False, *,
+              prefer: str = "auto",
+              manifest: Optional[Manifest] = None) -> Dict[str, "torch.Tensor"]:
     """Load a safetensors file into a ``{name: torch.Tensor}`` dict.
 
     When the file has a GPU replica (``user.weightfs.cuda``) on a GPU this process sees, matched
@@ -318,7 +330,7 @@ def load_file(path, device: Any = None, copy: bool = False, *, prefer: str = "au
                     if out is not None:
                         return out
                 elif prefer == "ipc":
-                    raise RuntimeError(f"{where}: no GPU replica (no {XATTR_CUDA} attribute); "
+                    raise NoReplicaError(f"{where}: no GPU replica (no {XATTR_CUDA} attribute); "
                                        "is the model loaded with --gpu?")
             finally:
                 os.close(fd)
@@ -335,6 +347,31 @@ def _with_path(man: Manifest, where: str) -> Manifest:
 def _load_ipc(header: Header, man: Manifest, target, copy: bool, where: str, must: bool,
               version: str | None = None):
     torch = _torch()
+    slab = _slab_for(header, man, target, where, must, version, stacklevel=4)
+    if slab is None:
+        return None
+    storage, device, layout = slab
+    out = {}
+    for name in header.tensors:  # the file's order
+        t = _slab_view(storage, device, layout[name], name, where)
+        out[name] = t.clone() if copy else t
+    if copy:
+        # The private copies are done before the slab may close; then this process maps no
+        # slab of the version for this file, and says so unless another load still does
+        # (PROTOCOL §3.1): a long-lived process does not keep the version it copied from.
+        torch.cuda.synchronize(device)
+        del storage, t, slab
+        if version is not None:
+            _release_closed([version])
+    return out
+
+
+def _slab_for(header: Header, man: Manifest, target, where: str, must: bool,
+              version: str | None = None, stacklevel: int = 3):
+    """``(storage, device, layout)`` of the replica of ``man`` to use for ``target`` (None:
+    any visible GPU), or None when there is none to use (``must``: raise instead). Shared by
+    :func:`load_file` and :class:`weightfs.safe_open`, so both pick and check slabs alike."""
+    torch = _torch()
     picked = _pick_replica(man, target)
     if picked is None:
         msg = (f"{where}: no GPU replica on a visible GPU"
@@ -342,7 +379,7 @@ def _load_ipc(header: Header, man: Manifest, target, copy: bool, where: str, mus
                + f" (replicas on {[r.gpu for r in man.replicas] or 'no GPU'}; this process "
                f"sees {sorted(_visible_gpus()) or 'no GPU'}; check CUDA_VISIBLE_DEVICES)")
         if must:
-            raise RuntimeError(msg)
+            raise NoReplicaError(msg)
         log.info("%s; reading the file", msg)
         return None
     replica, dev = picked
@@ -352,35 +389,26 @@ def _load_ipc(header: Header, man: Manifest, target, copy: bool, where: str, mus
         if must:
             raise
         warnings.warn(f"{where}: GPU manifest does not match the file; reading the file instead",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=stacklevel)
         return None
-    storage = _open_slab(replica, dev, version)
-    device = torch.device("cuda", dev)
-    out = {}
-    for name in header.tensors:  # the file's order
-        e = layout[name]
-        dt = torch_dtype(e.dtype)
-        numel = 1
-        for d in e.shape:
-            numel *= d
-        if numel == 0:
-            out[name] = torch.empty(e.shape, dtype=dt, device=device)
-            continue
-        itemsize = dt.itemsize
-        if e.offset % itemsize:
-            raise ManifestError(f"{where}: slab offset {e.offset} of {name!r} is not a multiple "
-                                f"of {itemsize}")
-        t = torch.empty(0, dtype=dt, device=device).set_(storage, e.offset // itemsize, e.shape)
-        out[name] = t.clone() if copy else t
-    if copy:
-        # The private copies are done before the slab may close; then this process maps no
-        # slab of the version for this file, and says so unless another load still does
-        # (PROTOCOL §3.1): a long-lived process does not keep the version it copied from.
-        torch.cuda.synchronize(dev)
-        del storage, t
-        if version is not None:
-            _release_closed([version])
-    return out
+    return _open_slab(replica, dev, version), torch.device("cuda", dev), layout
+
+
+def _slab_view(storage, device, e: SlabEntry, name: str, where: str):
+    """The zero-copy tensor of slab entry ``e`` (a fresh empty tensor when it has no
+    elements: a zero-size tensor occupies no bytes of the slab)."""
+    torch = _torch()
+    dt = torch_dtype(e.dtype)
+    numel = 1
+    for d in e.shape:
+        numel *= d
+    if numel == 0:
+        return torch.empty(e.shape, dtype=dt, device=device)
+    itemsize = dt.itemsize
+    if e.offset % itemsize:
+        raise ManifestError(f"{where}: slab offset {e.offset} of {name!r} is not a multiple "
+                            f"of {itemsize}")
+    return torch.empty(0, dtype=dt, device=device).set_(storage, e.offset // itemsize, e.shape)
 
 
 def _load_read(path, target, where: str) -> dict:
@@ -441,7 +469,8 @@ def _weight_files(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
-def state_dict(folder, device: Any = None, copy: bool = False, *, prefer: str = "auto") -> dict:
+def state_dict(folder: PathLike, device: Device = None, copy: bool = False, *,
+               prefer: str = "auto") -> Dict[str, "torch.Tensor"]:
     """Merged ``{name: tensor}`` of every weights file of a model folder (the files listed in
     ``model.safetensors.index.json`` when present, else every ``*.safetensors``). The folder's
     symlink (``qwen3-8b`` -> ``qwen3-8b@2``) is resolved once, so all files come from one
@@ -459,15 +488,31 @@ def state_dict(folder, device: Any = None, copy: bool = False, *, prefer: str = 
     return merged
 
 
-def load_model(model, folder, device: Any = None, copy: bool = False, strict: bool = True, *,
-               prefer: str = "auto"):
+def load_model(model: ModuleT, folder: PathLike, device: Device = None, copy: bool = False,
+               strict: bool = True, *, prefer: str = "auto") -> ModuleT:
+    """Deprecated spelling of :func:`load_model_folder` (same arguments, same result).
+
+    ``safetensors.torch.load_model(model, filename, strict=True, device="cpu")`` takes one file
+    and returns ``(missing, unexpected)``; ours takes a folder and returns the model. Sharing
+    the name invited calls with the other's arguments, so ours is now ``load_model_folder``.
+    """
+    warnings.warn("weightfs.load_model is deprecated: use weightfs.load_model_folder (same "
+                  "arguments; the name differs from safetensors.torch.load_model, which takes "
+                  "one file and returns (missing, unexpected))", DeprecationWarning, stacklevel=2)
+    return load_model_folder(model, folder, device, copy, strict, prefer=prefer)
+
+
+def load_model_folder(model: ModuleT, folder: PathLike, device: Device = None,
+                      copy: bool = False, strict: bool = True, *,
+                      prefer: str = "auto") -> ModuleT:
     """Assign the weights of a model folder into ``model`` (a ``torch.nn.Module``, typically
     built on the meta device) with ``load_state_dict(assign=True)``; returns ``model``.
 
     Keys absent from the checkpoint that the model ties to loaded ones (``lm_head.weight`` with
     tied embeddings) are filled by ``model.tie_weights()``. Non-persistent rotary buffers
     (``inv_freq``) left on the meta device are recomputed on the weights' device by building the
-    rotary module again. With ``strict``, keys still missing or unexpected raise RuntimeError;
+    rotary module again. With ``strict``, keys still missing or unexpected raise
+    ``ModelMismatchError`` (a ``RuntimeError``);
     other tensors left on the meta device draw a RuntimeWarning.
     """
     state = state_dict(folder, device, copy, prefer=prefer)
@@ -489,7 +534,8 @@ def load_model(model, folder, device: Any = None, copy: bool = False, strict: bo
             parts.append(f"missing keys: {_short(missing)}")
         if unexpected:
             parts.append(f"unexpected keys: {_short(unexpected)}")
-        raise RuntimeError(f"{folder}: checkpoint does not match the model: " + "; ".join(parts))
+        raise ModelMismatchError(f"{folder}: checkpoint does not match the model: "
+                                 + "; ".join(parts), missing, unexpected)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         warnings.warn(f"{folder}: tensors still on the meta device after loading: {_short(left)}",
@@ -497,8 +543,8 @@ def load_model(model, folder, device: Any = None, copy: bool = False, strict: bo
     return model
 
 
-def update_model(model, folder, copy: bool = True, strict: bool = True, *,
-                 prefer: str = "auto") -> int:
+def update_model(model: "torch.nn.Module", folder: PathLike, copy: bool = True,
+                 strict: bool = True, *, prefer: str = "auto") -> int:
     """Switch a built, loaded ``model`` to the weights of a weightfs version; returns its number.
 
     ``folder`` is ``MOUNT/NAME`` (the symlink, read once: one version even if a commit lands
@@ -536,7 +582,8 @@ def update_model(model, folder, copy: bool = True, strict: bool = True, *,
     meta = [n for n, t in targets.items() if t.is_meta]
     if meta:
         raise ModelMismatchError(f"{where}: tensors on the meta device ({_short(meta)}): "
-                                 "update_model switches a loaded model; use load_model first")
+                                 "update_model switches a loaded model; use load_model_folder "
+                                 "first")
     if copy:
         ranges = [(b, b + size) for _, b, size in gpu_pointer_ranges()]
         shared = [n for n, t in targets.items()

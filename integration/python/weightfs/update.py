@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Dict, Hashable, List, Mapping, Sequence, Tuple
 
+from .errors import WeightfsError
+
 __all__ = ["ModelMismatchError", "plan_update"]
 
 Spec = Tuple[Any, Sequence[int]]  # (dtype, shape); dtypes are compared with ==
 
 
-class ModelMismatchError(RuntimeError):
+class ModelMismatchError(WeightfsError, RuntimeError):
     """The checkpoint does not fit the model: names, dtypes or shapes differ. Raised before any
     parameter or buffer is changed. ``missing``, ``unexpected`` and ``mismatched`` (``(name,
     want, got)`` with ``want``/``got`` as ``(dtype, shape)``) list what was found."""

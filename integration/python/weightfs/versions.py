@@ -18,6 +18,8 @@ import struct
 import time
 from typing import Iterator, NamedTuple, Optional, Tuple
 
+from .errors import WeightfsError
+
 VERSIONS_DIR = ".weightfs/versions"
 # _IOW('W', 2, uint32): milliseconds a blocked read of this open file waits (0: no limit).
 IOCTL_WATCH_TIMEOUT = 0x40045702
@@ -25,11 +27,11 @@ IOCTL_WATCH_TIMEOUT = 0x40045702
 _VERSIONED = re.compile(r"^(.+)@([1-9][0-9]*)$")
 
 
-class NotOnMountError(ValueError):
+class NotOnMountError(WeightfsError, ValueError):
     """The path is not a model on a weightfs mount (``MOUNT/NAME`` or ``MOUNT/NAME@N``)."""
 
 
-class ModelGoneError(FileNotFoundError):
+class ModelGoneError(WeightfsError, FileNotFoundError):
     """The model is not on the mount, or it went (was unloaded) while we waited."""
 
 
