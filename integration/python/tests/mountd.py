@@ -23,12 +23,16 @@ def workdir(prefix: str) -> tuple[str, str, str]:
 
 def start(binary: str, sock: str, mnt: str, log_path: str, args: Sequence[str] = (),
           ready: Callable[[], bool] = lambda: False, timeout: float = 60) -> subprocess.Popen:
-    """``binary --socket sock --log-format json mount mnt *args``, its stderr in ``log_path``;
+    """``binary --socket sock --log-format json mount mnt --state-dir DIR *args`` (DIR beside the
+    socket), its stderr in ``log_path``;
     returns once ``ready()`` holds. Raises RuntimeError with the daemon's log when it exits or
     ``timeout`` passes first (the daemon is stopped then)."""
+    # A state folder of its own beside the socket: daemons refuse to share one (and a killed
+    # daemon's images would be adopted by the next test's).
+    state = os.path.join(os.path.dirname(sock), "state")
     with open(log_path, "w") as log:
         proc = subprocess.Popen([binary, "--socket", sock, "--log-format", "json", "mount", mnt,
-                                 *args], stdout=subprocess.DEVNULL, stderr=log)
+                                 "--state-dir", state, *args], stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None or time.monotonic() > deadline:
