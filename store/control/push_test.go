@@ -121,6 +121,10 @@ func checkVersion(t *testing.T, st *store.Store, name string, number int, data m
 		if !strings.HasSuffix(f.Path(), ".safetensors") {
 			continue
 		}
+		// Tensors written on a GPU reach the host image after the commit.
+		if err := f.WaitReady(context.Background()); err != nil {
+			t.Fatalf("%s: %v", f.Path(), err)
+		}
 		h, err := safetensors.Parse(f.Bytes())
 		if err != nil {
 			t.Fatalf("%s: %v", f.Path(), err)
