@@ -98,16 +98,19 @@ func OpenStateDir(dir string, fresh bool) (_ *StateDir, err error) {
 }
 
 // checkPrivate refuses a folder of another user, or one that others can write.
-func checkPrivate(fd int, name string) error {
+func checkPrivate(fd int, name string) error { return checkPrivateFor("--state-dir", fd, name) }
+
+// checkPrivateFor is checkPrivate for the folder of the flag named flag.
+func checkPrivateFor(flag string, fd int, name string) error {
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return fmt.Errorf("--state-dir %s: %w", name, err)
+		return fmt.Errorf("%s %s: %w", flag, name, err)
 	}
 	if uid := int(st.Uid); uid != 0 && uid != os.Geteuid() {
-		return errorf(ErrInvalid, "--state-dir %s belongs to uid %d: it must belong to root or to uid %d, the daemon's", name, uid, os.Geteuid())
+		return errorf(ErrInvalid, "%s %s belongs to uid %d: it must belong to root or to uid %d, the daemon's", flag, name, uid, os.Geteuid())
 	}
 	if st.Mode&0o022 != 0 {
-		return errorf(ErrInvalid, "--state-dir %s is mode %04o: others can write to it (it must be writable by its owner only)", name, st.Mode&0o7777)
+		return errorf(ErrInvalid, "%s %s is mode %04o: others can write to it (it must be writable by its owner only)", flag, name, st.Mode&0o7777)
 	}
 	return nil
 }

@@ -1,0 +1,230 @@
+package store
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+)
+
+// The snapshot directory (--snapshot-dir) holds pushed versions on disk, in
+// the compressed format, so that they outlive a reboot (docs/ARCHITECTURE.md,
+// "Snapshots"): DIR/NAME/N/ is version N of model NAME, written as
+// DIR/NAME/.tmp-N-… and renamed. Like the state directory it is a privilege
+// boundary: a folder of root's (or of the daemon's uid), 0700, that others
+// cannot write; everything in it is opened relative to its folder's
+// descriptor, without following a symlink.
+
+// SnapshotDir is an open snapshot directory. The store that receives it
+// (Options) owns it from then on.
+type SnapshotDir struct {
+	path  string
+	dirFD int
+}
+
+// OpenSnapshotDir opens (creating it, 0700) the snapshot directory at dir. A
+// folder that is not a directory, is a symlink, belongs to another user or
+// that others can write is refused (ErrInvalid); a second daemon on the same
+// folder is ErrBusy.
+func OpenSnapshotDir(dir string) (_ *SnapshotDir, err error) {
+	dir, err = filepath.Abs(dir)
+	if err != nil {
+		return nil, errorf(ErrInvalid, "--snapshot-dir %s: %w", dir, err)
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return nil, fmt.Errorf("--snapshot-dir %s: create: %w", dir, unwrapPath(err))
+	}
+	fd, err := unix.Open(dir, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
+			return nil, errorf(ErrInvalid, "--snapshot-dir %s: not a directory (a symlink is refused)", dir)
+		}
+		return nil, fmt.Errorf("--snapshot-dir %s: open: %w", dir, err)
+	}
+	defer func() {
+		if err != nil {
+			unix.Close(fd)
+		}
+	}()
+	if err := checkPrivateFor("--snapshot-dir", fd, dir); err != nil {
+		return nil, err
+	}
+	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		return nil, errorf(ErrBusy, "--snapshot-dir %s: another daemon uses it (%v)", dir, err)
+	}
+	return &SnapshotDir{path: dir, dirFD: fd}, nil
+}
+
+// Path is the snapshot directory.
+func (sd *SnapshotDir) Path() string { return sd.path }
+
+func (sd *SnapshotDir) close() error {
+	if sd.dirFD < 0 {
+		return nil
+	}
+	err := unix.Close(sd.dirFD) // releases the flock
+	sd.dirFD = -1
+	return err
+}
+
+// listDir lists the entries of the folder dirFD.
+func listDir(dirFD int, name string) ([]string, error) {
+	fd, err := unix.Openat(dirFD, ".", unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("list %s: %w", name, err)
+	}
+	f := os.NewFile(uintptr(fd), name)
+	defer f.Close()
+	names, err := f.Readdirnames(-1)
+	if err != nil {
+		return nil, fmt.Errorf("list %s: %w", name, err)
+	}
+	return names, nil
+}
+
+// modelDir opens DIR/name (creating it, 0700, when create is set). The
+// caller closes the descriptor.
+func (sd *SnapshotDir) modelDir(name string, create bool) (int, error) {
+	p := filepath.Join(sd.path, name)
+	if create {
+		if err := unix.Mkdirat(sd.dirFD, name, 0o700); err != nil && !errors.Is(err, unix.EEXIST) {
+			return -1, fmt.Errorf("create %s: %w", p, err)
+		}
+	}
+	fd, err := openDirBeneath(sd.dirFD, name)
+	if err != nil {
+		return -1, fmt.Errorf("open %s (a symlink is refused): %w", p, err)
+	}
+	if err := checkPrivateFor("--snapshot-dir", fd, p); err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
+}
+
+// removeTree deletes the folder name inside dirFD and what it holds,
+// without following a symlink (one is deleted, not its target).
+func removeTree(dirFD int, name, display string) error {
+	fd, err := openDirBeneath(dirFD, name)
+	if errors.Is(err, unix.ENOENT) {
+		return nil
+	}
+	if err != nil {
+		if errors.Is(err, unix.ENOTDIR) || errors.Is(err, unix.ELOOP) {
+			return unlinkAt(dirFD, name, 0, display)
+		}
+		return fmt.Errorf("delete %s: %w", display, err)
+	}
+	names, err := listDir(fd, display)
+	var errs []error
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, n := range names {
+		err := unix.Unlinkat(fd, n, 0)
+		if errors.Is(err, unix.EISDIR) {
+			err = removeTree(fd, n, filepath.Join(display, n))
+		}
+		if err != nil && !errors.Is(err, unix.ENOENT) {
+			errs = append(errs, fmt.Errorf("delete %s: %w", filepath.Join(display, n), err))
+		}
+	}
+	unix.Close(fd)
+	errs = append(errs, unlinkAt(dirFD, name, unix.AT_REMOVEDIR, display))
+	return errors.Join(errs...)
+}
+
+func unlinkAt(dirFD int, name string, flags int, display string) error {
+	if err := unix.Unlinkat(dirFD, name, flags); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("delete %s: %w", display, err)
+	}
+	return nil
+}
+
+// createFile creates name in dirFD (0600, it must not exist), writes data
+// with write, and fsyncs it.
+func createFile(dirFD int, name, display string, write func(io.Writer) error) (err error) {
+	fd, err := unix.Openat(dirFD, name, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return fmt.Errorf("create %s: %w", display, err)
+	}
+	f := os.NewFile(uintptr(fd), display)
+	defer func() {
+		if cerr := f.Close(); err == nil && cerr != nil {
+			err = fmt.Errorf("close %s: %w", display, cerr)
+		}
+	}()
+	if err := write(f); err != nil {
+		return fmt.Errorf("write %s: %w", display, err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("fsync %s: %w", display, err)
+	}
+	return nil
+}
+
+// readFileAt reads name in dirFD (a regular file, not through a symlink) of
+// at most limit bytes.
+func readFileAt(dirFD int, name, display string, limit int64) ([]byte, error) {
+	fd, err := unix.Openat(dirFD, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", display, err)
+	}
+	f := os.NewFile(uintptr(fd), display)
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return nil, fmt.Errorf("stat %s: %w", display, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return nil, fmt.Errorf("%s is not a regular file (mode %#o)", display, st.Mode)
+	}
+	if st.Size > limit {
+		return nil, fmt.Errorf("%s is %d bytes, more than the %d expected", display, st.Size, limit)
+	}
+	b := make([]byte, st.Size)
+	if _, err := io.ReadFull(f, b); err != nil {
+		return nil, fmt.Errorf("read %s: %w", display, err)
+	}
+	return b, nil
+}
+
+// readFileInto reads name in dirFD, which must be exactly len(dst) bytes,
+// into dst.
+func readFileInto(dirFD int, name, display string, dst []byte) error {
+	fd, err := unix.Openat(dirFD, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", display, err)
+	}
+	f := os.NewFile(uintptr(fd), display)
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("stat %s: %w", display, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size != int64(len(dst)) {
+		return fmt.Errorf("%s is not a regular file of %d bytes (mode %#o, %d bytes)", display, len(dst), st.Mode, st.Size)
+	}
+	if _, err := io.ReadFull(f, dst); err != nil {
+		return fmt.Errorf("read %s: %w", display, err)
+	}
+	return nil
+}
+
+// versionNumbers are the entries of a model folder that name a version
+// ("1", "2", …, no leading zeros), newest first.
+func versionNumbers(names []string) []int {
+	var out []int
+	for _, n := range names {
+		if i, err := strconv.Atoi(n); err == nil && i > 0 && strconv.Itoa(i) == n {
+			out = append(out, i)
+		}
+	}
+	sort.Sort(sort.Reverse(sort.IntSlice(out)))
+	return out
+}
