@@ -58,6 +58,11 @@ type snapshotFile struct {
 	manifestAttrs
 }
 
+// encodeBound is the room reserved for the stream of n bytes, so that it
+// is not grown while encoded: the raw bytes plus room for the headers (a
+// stream is at most its headers larger than its input, docs/CODEC.md).
+func encodeBound(n int) int { return n + n/(64<<10)*64 + 1<<20 }
+
 // isPushed: the version was pushed (it has no source on disk).
 func (v *Version) isPushed() bool { return strings.HasPrefix(v.source, pushSource) }
 
@@ -158,7 +163,7 @@ func (s *Store) snapshotVersion(ctx context.Context, v *Version) (raw, written i
 			Encoding: encodingRaw, manifestAttrs: toAttrs(f.attrs)}
 		data := f.Bytes()
 		if f.kind == Weights {
-			enc, err := c.EncodeSafetensors(ctx, nil, data, checksumWorkers())
+			enc, err := c.EncodeSafetensors(ctx, make([]byte, 0, encodeBound(len(data))), data, checksumWorkers())
 			if err != nil {
 				return 0, 0, fmt.Errorf("encode %s: %w", f.path, err)
 			}
