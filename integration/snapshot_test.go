@@ -36,13 +36,7 @@ func TestDaemonSnapshotReload(t *testing.T) {
 		tensors = append(tensors, control.PushTensor{Name: name, DType: "BF16", Shape: []int64{2048, 2048}})
 	}
 	c := control.NewClient(sock)
-	p, err := c.Push(ctx, "m", tensors, map[string][]byte{"config.json": []byte(`{"layers": 4}`)})
-	must(t, err)
-	for _, x := range tensors {
-		must(t, p.WriteHost(x.Name, data[x.Name]))
-	}
-	v, err := p.Commit()
-	must(t, err)
+	v := pushHost(ctx, t, c, tensors, data, map[string][]byte{"config.json": []byte(`{"layers": 4}`)})
 	if v.Number != 1 {
 		t.Fatalf("pushed %s, want m@1", v.Name)
 	}
@@ -71,17 +65,24 @@ func TestDaemonSnapshotReload(t *testing.T) {
 	for rel, b := range want {
 		sameBytes(t, rel, mustRead(t, filepath.Join(mnt, "m@1", rel)), b)
 	}
-	p2, err := c.Push(ctx, "m", tensors, nil)
-	must(t, err)
-	for _, x := range tensors {
-		must(t, p2.WriteHost(x.Name, data[x.Name]))
-	}
-	v2, err := p2.Commit()
-	must(t, err)
+	v2 := pushHost(ctx, t, c, tensors, data, nil)
 	if v2.Number != 2 {
 		t.Errorf("the next push is %s, want m@2", v2.Name)
 	}
 	stop(t, second)
+}
+
+// pushHost pushes model "m" writing every tensor from the host.
+func pushHost(ctx context.Context, t testing.TB, c *control.Client, tensors []control.PushTensor, data, files map[string][]byte) *control.Version {
+	t.Helper()
+	p, err := c.Push(ctx, "m", tensors, files)
+	must(t, err)
+	for _, x := range tensors {
+		must(t, p.WriteHost(x.Name, data[x.Name]))
+	}
+	v, err := p.Commit()
+	must(t, err)
+	return v
 }
 
 // stop stops a daemon cleanly (SIGTERM), which unmounts.

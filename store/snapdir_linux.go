@@ -31,31 +31,10 @@ type SnapshotDir struct {
 // folder that is not a directory, is a symlink, belongs to another user or
 // that others can write is refused (ErrInvalid); a second daemon on the same
 // folder is ErrBusy.
-func OpenSnapshotDir(dir string) (_ *SnapshotDir, err error) {
-	dir, err = filepath.Abs(dir)
+func OpenSnapshotDir(dir string) (*SnapshotDir, error) {
+	dir, fd, err := openPrivateDir("--snapshot-dir", dir)
 	if err != nil {
-		return nil, errorf(ErrInvalid, "--snapshot-dir %s: %w", dir, err)
-	}
-	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
-		return nil, fmt.Errorf("--snapshot-dir %s: create: %w", dir, unwrapPath(err))
-	}
-	fd, err := unix.Open(dir, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if err != nil {
-		if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
-			return nil, errorf(ErrInvalid, "--snapshot-dir %s: not a directory (a symlink is refused)", dir)
-		}
-		return nil, fmt.Errorf("--snapshot-dir %s: open: %w", dir, err)
-	}
-	defer func() {
-		if err != nil {
-			unix.Close(fd)
-		}
-	}()
-	if err := checkPrivateFor("--snapshot-dir", fd, dir); err != nil {
 		return nil, err
-	}
-	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		return nil, errorf(ErrBusy, "--snapshot-dir %s: another daemon uses it (%v)", dir, err)
 	}
 	return &SnapshotDir{path: dir, dirFD: fd}, nil
 }

@@ -1,7 +1,6 @@
 package store
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"log/slog"
@@ -68,34 +67,12 @@ func pushSnapshotted(t *testing.T, s *Store, model string, seed uint64) *Version
 	return v
 }
 
-// contents maps each file's path to a copy of its bytes.
-func contents(v *Version) map[string][]byte {
-	out := map[string][]byte{}
-	for _, f := range v.Files() {
-		out[f.Path()] = bytes.Clone(f.Bytes())
-	}
-	return out
-}
-
-func sameContents(t *testing.T, v *Version, want map[string][]byte) {
-	t.Helper()
-	got := contents(v)
-	if len(got) != len(want) {
-		t.Fatalf("%s has %d files, want %d", v.Name(), len(got), len(want))
-	}
-	for p, b := range want {
-		if !bytes.Equal(got[p], b) {
-			t.Errorf("%s: %s differs after the snapshot reload", v.Name(), p)
-		}
-	}
-}
-
 func TestSnapshotReload(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "snap")
 	s, logs := snapStore(t, dir, 0)
 	pushSnapshotted(t, s, "m", 1)
 	v2 := pushSnapshotted(t, s, "m", 2)
-	want := contents(v2)
+	want := snapshot(v2)
 	if !strings.Contains(logs.String(), "snapshot written") {
 		t.Errorf("no \"snapshot written\" log:\n%s", logs)
 	}
@@ -113,7 +90,7 @@ func TestSnapshotReload(t *testing.T) {
 	if cur.Number() != 2 || cur.Source() != v2.Source() {
 		t.Fatalf("current %s from %q, want m@2 from %q", cur.Name(), cur.Source(), v2.Source())
 	}
-	sameContents(t, cur, want)
+	sameVersion(t, cur, want)
 	if d, _ := cur.Root().Lookup("tok"); d == nil {
 		t.Error("tok/ not in the tree")
 	}
@@ -144,7 +121,7 @@ func TestSnapshotReload(t *testing.T) {
 func TestSnapshotCorruptFallsBack(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "snap")
 	s, _ := snapStore(t, dir, 0)
-	want := contents(pushSnapshotted(t, s, "m", 1))
+	want := snapshot(pushSnapshotted(t, s, "m", 1))
 	pushSnapshotted(t, s, "m", 2)
 	s.Close()
 
@@ -166,7 +143,7 @@ func TestSnapshotCorruptFallsBack(t *testing.T) {
 	if cur := s2.Model("m").Current(); cur.Number() != 1 {
 		t.Fatalf("current %s, want m@1", cur.Name())
 	} else {
-		sameContents(t, cur, want)
+		sameVersion(t, cur, want)
 	}
 	l := logs.String()
 	if !strings.Contains(l, "snapshot dropped") || !strings.Contains(l, "m@2") || !strings.Contains(l, filepath.Base(streams[0])) {
@@ -184,7 +161,7 @@ func TestSnapshotCorruptFallsBack(t *testing.T) {
 func TestSnapshotMalformedManifests(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "snap")
 	s, _ := snapStore(t, dir, 0)
-	want := contents(pushSnapshotted(t, s, "m", 1))
+	want := snapshot(pushSnapshotted(t, s, "m", 1))
 	s.Close()
 	bad := map[string]string{
 		"6":  "{",
@@ -211,7 +188,7 @@ func TestSnapshotMalformedManifests(t *testing.T) {
 	if cur.Number() != 1 {
 		t.Fatalf("current %s, want m@1:\n%s", cur.Name(), logs)
 	}
-	sameContents(t, cur, want)
+	sameVersion(t, cur, want)
 	for _, n := range []string{"m@6", "m@7", "m@8", "m@9", "m@10", "m@11"} {
 		if !strings.Contains(logs.String(), "version="+n+" ") {
 			t.Errorf("%s not logged as dropped", n)
@@ -222,7 +199,7 @@ func TestSnapshotMalformedManifests(t *testing.T) {
 func TestSnapshotTornWriteIgnored(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "snap")
 	s, _ := snapStore(t, dir, 0)
-	want := contents(pushSnapshotted(t, s, "m", 1))
+	want := snapshot(pushSnapshotted(t, s, "m", 1))
 	s.Close()
 	torn := filepath.Join(dir, "m", ".tmp-2-12345")
 	if err := os.MkdirAll(torn, 0o700); err != nil {
@@ -237,7 +214,7 @@ func TestSnapshotTornWriteIgnored(t *testing.T) {
 	if cur.Number() != 1 {
 		t.Fatalf("current %s, want m@1", cur.Name())
 	}
-	sameContents(t, cur, want)
+	sameVersion(t, cur, want)
 	if _, err := os.Stat(torn); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("the torn snapshot is still there: %v", err)
 	}
