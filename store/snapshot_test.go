@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/weightfs/weightfs/cuda/cudatest"
 	"github.com/weightfs/weightfs/store/codec/codectest"
 	"github.com/weightfs/weightfs/store/safetensors"
 )
@@ -267,4 +268,43 @@ func TestSnapshotDirRefused(t *testing.T) {
 	if _, err := OpenSnapshotDir(ok); !errors.Is(err, ErrBusy) {
 		t.Errorf("a second daemon: %v", err)
 	}
+}
+
+// TestSnapshotGPU: a push written on a GPU is snapshotted once its host
+// image is filled from the slabs; a store on other GPUs loads it back onto
+// them, every slab equal to the host image, every byte equal.
+func TestSnapshotGPU(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "snap")
+	sd, err := OpenSnapshotDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := newGPUStoreWith(t, cudatest.Options{}, Options{Logger: quiet, Snapshots: sd}, "0", "1")
+	base := loadBase(t, g.Store, "m") // a load: not snapshotted
+	if err := base.WaitSnapshot(context.Background()); err == nil {
+		t.Error("a loaded version has a snapshot")
+	}
+	v, _ := g.pushOnGPU(t, "m", manifestOf(base), 5)
+	if err := v.WaitSnapshot(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	want := snapshot(v)
+	if err := g.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	sd2, err := OpenSnapshotDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g2 := newGPUStoreWith(t, cudatest.Options{}, Options{Logger: quiet, Snapshots: sd2}, "0")
+	if got := g2.LoadSnapshots(context.Background(), nil); len(got) != 1 || got[0].Number() != v.Number() {
+		t.Fatalf("loaded %v, want %s", got, v.Name())
+	}
+	cur := g2.Model("m").Current()
+	sameVersion(t, cur, want)
+	if cur.GPUError() != nil {
+		t.Fatal(cur.GPUError())
+	}
+	g2.checkOnGPUs(t, cur)
 }
