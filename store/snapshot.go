@@ -99,6 +99,7 @@ func (s *Store) writeSnapshot(ctx context.Context, v *Version) error {
 	case err != nil:
 		err = fmt.Errorf("snapshot of %s: %w", v.Name(), err)
 		if ctx.Err() == nil {
+			s.snapFailed.Add(1)
 			s.log.Error("snapshot failed", "version", v.Name(), "reason", err.Error())
 		}
 		return err
@@ -106,6 +107,8 @@ func (s *Store) writeSnapshot(ctx context.Context, v *Version) error {
 		s.log.Debug("snapshot already there", "version", v.Name())
 		return nil
 	}
+	s.snapWritten.Add(1)
+	s.snapBytes.Add(written)
 	ratio := 0.0
 	if written > 0 {
 		ratio = float64(raw) / float64(written)

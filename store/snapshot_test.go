@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/weightfs/weightfs/cuda/cudatest"
 	"github.com/weightfs/weightfs/store/codec/codectest"
 	"github.com/weightfs/weightfs/store/safetensors"
@@ -243,6 +245,17 @@ func TestSnapshotRetention(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "snapshot deleted") {
 		t.Errorf("no log of the deleted snapshots:\n%s", logs)
+	}
+	want := `# HELP weightfs_snapshots_total Snapshots of pushed versions to --snapshot-dir, by result (written, failed); only with --snapshot-dir.
+# TYPE weightfs_snapshots_total counter
+weightfs_snapshots_total{result="failed"} 0
+weightfs_snapshots_total{result="written"} 4
+`
+	if err := testutil.CollectAndCompare(s.Collector(), strings.NewReader(want), "weightfs_snapshots_total"); err != nil {
+		t.Error(err)
+	}
+	if n, err := testutil.CollectAndLint(s.Collector()); err != nil || len(n) != 0 {
+		t.Errorf("lint: %v %v", n, err)
 	}
 }
 

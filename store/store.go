@@ -64,6 +64,8 @@ type Store struct {
 	// snapshot be written at a time (snapshot.go).
 	snap    *SnapshotDir
 	snapSem chan struct{}
+	// snapWritten, snapFailed and snapBytes count snapshots for metrics.
+	snapWritten, snapFailed, snapBytes atomic.Int64
 }
 
 // ReservedInos are inode numbers the store never hands out: 1 is the mount's
