@@ -147,26 +147,38 @@ func createFile(dirFD int, name, display string, write func(io.Writer) error) (e
 	return nil
 }
 
+// openRegular opens name in dirFD for reading: a regular file, not
+// reached through a symlink. It returns the file and its size.
+func openRegular(dirFD int, name, display string) (*os.File, int64, error) {
+	fd, err := unix.Openat(dirFD, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, 0, fmt.Errorf("open %s: %w", display, err)
+	}
+	f := os.NewFile(uintptr(fd), display)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		f.Close()
+		return nil, 0, fmt.Errorf("stat %s: %w", display, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		f.Close()
+		return nil, 0, fmt.Errorf("%s is not a regular file (mode %#o)", display, st.Mode)
+	}
+	return f, st.Size, nil
+}
+
 // readFileAt reads name in dirFD (a regular file, not through a symlink) of
 // at most limit bytes.
 func readFileAt(dirFD int, name, display string, limit int64) ([]byte, error) {
-	fd, err := unix.Openat(dirFD, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	f, size, err := openRegular(dirFD, name, display)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", display, err)
+		return nil, err
 	}
-	f := os.NewFile(uintptr(fd), display)
 	defer f.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return nil, fmt.Errorf("stat %s: %w", display, err)
+	if size > limit {
+		return nil, fmt.Errorf("%s is %d bytes, more than the %d expected", display, size, limit)
 	}
-	if st.Mode&unix.S_IFMT != unix.S_IFREG {
-		return nil, fmt.Errorf("%s is not a regular file (mode %#o)", display, st.Mode)
-	}
-	if st.Size > limit {
-		return nil, fmt.Errorf("%s is %d bytes, more than the %d expected", display, st.Size, limit)
-	}
-	b := make([]byte, st.Size)
+	b := make([]byte, size)
 	if _, err := io.ReadFull(f, b); err != nil {
 		return nil, fmt.Errorf("read %s: %w", display, err)
 	}
@@ -174,20 +186,19 @@ func readFileAt(dirFD int, name, display string, limit int64) ([]byte, error) {
 }
 
 // readFileInto reads name in dirFD, which must be exactly len(dst) bytes,
-// into dst.
-func readFileInto(dirFD int, name, display string, dst []byte) error {
-	fd, err := unix.Openat(dirFD, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+// into dst; decode, if set, decodes from the file instead (it must be
+// exactly size bytes).
+func readFileInto(dirFD int, name, display string, dst []byte, size int64, decode func(r io.Reader) error) error {
+	f, got, err := openRegular(dirFD, name, display)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", display, err)
+		return err
 	}
-	f := os.NewFile(uintptr(fd), display)
 	defer f.Close()
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return fmt.Errorf("stat %s: %w", display, err)
+	if got != size {
+		return fmt.Errorf("%s is %d bytes, not the %d recorded", display, got, size)
 	}
-	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size != int64(len(dst)) {
-		return fmt.Errorf("%s is not a regular file of %d bytes (mode %#o, %d bytes)", display, len(dst), st.Mode, st.Size)
+	if decode != nil {
+		return decode(f)
 	}
 	if _, err := io.ReadFull(f, dst); err != nil {
 		return fmt.Errorf("read %s: %w", display, err)

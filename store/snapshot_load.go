@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"path"
 	"path/filepath"
 	"runtime"
@@ -197,18 +198,8 @@ func (s *Store) loadSnapshotFile(ctx context.Context, c *codec.Codec, dirFD int,
 		return nil, fmt.Errorf("file %s: checksum %q in %s: %w", sf.Path, sf.XXH3, snapshotManifest, err)
 	}
 	display := filepath.Join(dir, sf.Data)
-	var enc []byte
-	if sf.Encoding == encodingCodec {
-		if enc, err = readFileAt(dirFD, sf.Data, display, sf.EncodedSize); err != nil {
-			return nil, fmt.Errorf("file %s: %w", sf.Path, err)
-		}
-		rawLen, err := codec.RawSize(enc)
-		if err != nil {
-			return nil, fmt.Errorf("file %s: %s: %w", sf.Path, display, err)
-		}
-		if rawLen != sf.Size {
-			return nil, fmt.Errorf("file %s: %s decodes to %d bytes, %s says %d", sf.Path, display, rawLen, snapshotManifest, sf.Size)
-		}
+	if sf.Encoding == encodingRaw && sf.EncodedSize != sf.Size {
+		return nil, fmt.Errorf("file %s: raw, but its size %d and encoded size %d in %s differ", sf.Path, sf.Size, sf.EncodedSize, snapshotManifest)
 	}
 	buf, err := s.arena.NewBuffer(sf.Path, sf.Size)
 	if err != nil {
@@ -219,11 +210,17 @@ func (s *Store) loadSnapshotFile(ctx context.Context, c *codec.Codec, dirFD int,
 		buf.Close()
 		return nil, fmt.Errorf("file %s: %w", sf.Path, err)
 	}
-	if enc != nil {
-		if err := c.DecodeParallel(ctx, buf.Bytes(), enc, runtime.GOMAXPROCS(0)); err != nil {
-			return fail(fmt.Errorf("decode %s: %w", display, err))
+	var decode func(io.Reader) error
+	if sf.Encoding == encodingCodec {
+		// Blocks are decoded as they are read, on every core.
+		decode = func(r io.Reader) error {
+			if err := c.DecodeReader(ctx, buf.Bytes(), r, sf.EncodedSize, runtime.GOMAXPROCS(0)); err != nil {
+				return fmt.Errorf("decode %s: %w", display, err)
+			}
+			return nil
 		}
-	} else if err := readFileInto(dirFD, sf.Data, display, buf.Bytes()); err != nil {
+	}
+	if err := readFileInto(dirFD, sf.Data, display, buf.Bytes(), sf.EncodedSize, decode); err != nil {
 		return fail(err)
 	}
 	sum, err := hashImage(ctx, buf.Bytes())
