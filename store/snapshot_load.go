@@ -32,6 +32,14 @@ func (s *Store) LoadSnapshots(ctx context.Context, skip map[string]bool) []*Vers
 	if s.snap == nil {
 		return nil
 	}
+	// No snapshot is written meanwhile (an adopted pushed version's): the
+	// unfinished ones deleted below are an earlier daemon's.
+	select {
+	case s.snapSem <- struct{}{}:
+	case <-ctx.Done():
+		return nil
+	}
+	defer func() { <-s.snapSem }()
 	defer s.saveState()
 	names, err := listDir(s.snap.dirFD, s.snap.path)
 	if err != nil {
