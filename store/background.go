@@ -66,8 +66,14 @@ func (s *Store) startBackground(v *Version, fills []hostFill) {
 	ctx, cancel := context.WithCancel(context.Background())
 	bg := &background{cancel: cancel, done: make(chan struct{})}
 	v.bg = bg
+	if s.snapshotWanted(v) {
+		v.snapped = make(chan struct{})
+	}
 	go func() {
 		defer close(bg.done)
+		if v.snapped != nil {
+			defer close(v.snapped)
+		}
 		for _, fl := range fills {
 			err := s.fill(ctx, v, fl)
 			fl.file.setReady(err)
@@ -82,6 +88,13 @@ func (s *Store) startBackground(v *Version, fills []hostFill) {
 			select { // Run writes the manifest with the checksums
 			case s.saveCh <- struct{}{}:
 			default:
+			}
+		}
+		if v.snapped != nil {
+			if ctx.Err() != nil {
+				v.snapErr = fmt.Errorf("snapshot of %s: %w", v.Name(), ctx.Err())
+			} else {
+				v.snapErr = s.writeSnapshot(ctx, v)
 			}
 		}
 	}()

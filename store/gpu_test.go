@@ -39,6 +39,12 @@ type gpuStore struct {
 // no allocation, pinned range, stream or context was left behind.
 func newGPUStore(t *testing.T, opts cudatest.Options, budgets Budgets, ids ...string) *gpuStore {
 	t.Helper()
+	return newGPUStoreWith(t, opts, Options{Budgets: budgets, Logger: quiet}, ids...)
+}
+
+// newGPUStoreWith is newGPUStore with the store's options (GPUs is set).
+func newGPUStoreWith(t *testing.T, opts cudatest.Options, sopts Options, ids ...string) *gpuStore {
+	t.Helper()
 	fake := cudatest.New(opts)
 	t.Cleanup(func() {
 		fake.CheckClean(t)
@@ -63,7 +69,8 @@ func newGPUStore(t *testing.T, opts cudatest.Options, budgets Budgets, ids ...st
 			t.Error(err)
 		}
 	})
-	s := New(OpenMemfdArena(), Options{GPUs: gpus, Budgets: budgets, Logger: quiet})
+	sopts.GPUs = gpus
+	s := New(OpenMemfdArena(), sopts)
 	t.Cleanup(func() {
 		if err := s.Close(); err != nil {
 			t.Error(err)

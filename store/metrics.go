@@ -7,6 +7,7 @@ import "github.com/prometheus/client_golang/prometheus"
 type collector struct {
 	s                                     *Store
 	resident, budget, versions, openFiles *prometheus.Desc
+	snapshots, snapshotBytes              *prometheus.Desc
 }
 
 // Collector is the store's Prometheus collector: resident bytes and budgets
@@ -22,6 +23,10 @@ func (s *Store) Collector() prometheus.Collector {
 			"Model versions, by state (ready, draining).", []string{"state"}, nil),
 		openFiles: prometheus.NewDesc("weightfs_open_files",
 			"Files open on the mount.", nil, nil),
+		snapshots: prometheus.NewDesc("weightfs_snapshots_total",
+			"Snapshots of pushed versions to --snapshot-dir, by result (written, failed); only with --snapshot-dir.", []string{"result"}, nil),
+		snapshotBytes: prometheus.NewDesc("weightfs_snapshot_written_bytes_total",
+			"Bytes written to --snapshot-dir by snapshots; only with --snapshot-dir.", nil, nil),
 	}
 }
 
@@ -30,6 +35,8 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.budget
 	ch <- c.versions
 	ch <- c.openFiles
+	ch <- c.snapshots
+	ch <- c.snapshotBytes
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
@@ -59,4 +66,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.versions, float64(ready), StateReady)
 	gauge(c.versions, float64(len(draining)), StateDraining)
 	gauge(c.openFiles, float64(open))
+	if c.s.snap != nil {
+		counter := func(d *prometheus.Desc, v int64, labels ...string) {
+			ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+		}
+		counter(c.snapshots, c.s.snapWritten.Load(), "written")
+		counter(c.snapshots, c.s.snapFailed.Load(), "failed")
+		counter(c.snapshotBytes, c.s.snapBytes.Load())
+	}
 }

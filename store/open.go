@@ -31,6 +31,12 @@ type Config struct {
 	// Fresh is --fresh: delete what an earlier daemon left in StateDir
 	// instead of adopting it.
 	Fresh bool
+	// SnapshotDir is --snapshot-dir: where committed pushed versions are
+	// written, compressed, to outlive a reboot ("": off).
+	SnapshotDir string
+	// SnapshotSkip are the models not loaded from SnapshotDir at start:
+	// those --model gives a folder for (it wins).
+	SnapshotSkip []string
 }
 
 // Open sets up a daemon's store: its host memory (a huge-page tmpfs, or
@@ -73,8 +79,19 @@ func Open(cfg Config) (st *Store, closeAll func(), err error) {
 			return nil, nil, errorf(ErrInvalid, "--gpu-memory %w", err)
 		}
 	}
+	var snap *SnapshotDir
+	if cfg.SnapshotDir != "" {
+		if snap, err = OpenSnapshotDir(cfg.SnapshotDir); err != nil {
+			closeGPUs()
+			return nil, nil, err
+		}
+		log.Info("snapshot directory: pushed versions outlive a reboot", "snapshot_dir", snap.Path())
+	}
 	arena, sd, err := openArena(cfg, log)
 	if err != nil {
+		if snap != nil {
+			snap.close()
+		}
 		closeGPUs()
 		return nil, nil, err
 	}
@@ -90,9 +107,16 @@ func Open(cfg Config) (st *Store, closeAll func(), err error) {
 		log.Info("host memory admission", attrs...)
 	}
 	st = New(arena, Options{Logger: log, GPUs: gpus, Budgets: budgets, MemoryReserve: reserve,
-		KeepVersions: cfg.KeepVersions, State: sd})
+		KeepVersions: cfg.KeepVersions, State: sd, Snapshots: snap})
 	if sd != nil {
 		st.Adopt(context.Background())
+	}
+	if snap != nil {
+		skip := map[string]bool{}
+		for _, n := range cfg.SnapshotSkip {
+			skip[n] = true
+		}
+		st.LoadSnapshots(context.Background(), skip)
 	}
 	return st, func() { st.Close(); closeGPUs() }, nil
 }

@@ -51,19 +51,9 @@ var ErrStateNotMemory = errors.New("the images folder is not memory-backed")
 // can write is refused (ErrInvalid); a second daemon on the same folder is
 // ErrBusy.
 func OpenStateDir(dir string, fresh bool) (_ *StateDir, err error) {
-	dir, err = filepath.Abs(dir)
+	dir, fd, err := openPrivateDir("--state-dir", dir)
 	if err != nil {
-		return nil, errorf(ErrInvalid, "--state-dir %s: %w", dir, err)
-	}
-	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
-		return nil, fmt.Errorf("--state-dir %s: create: %w", dir, unwrapPath(err))
-	}
-	fd, err := unix.Open(dir, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if err != nil {
-		if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
-			return nil, errorf(ErrInvalid, "--state-dir %s: not a directory (a symlink is refused)", dir)
-		}
-		return nil, fmt.Errorf("--state-dir %s: open: %w", dir, err)
+		return nil, err
 	}
 	sd := &StateDir{path: dir, dirFD: fd, imagesFD: -1}
 	defer func() {
@@ -71,12 +61,6 @@ func OpenStateDir(dir string, fresh bool) (_ *StateDir, err error) {
 			sd.closeFDs()
 		}
 	}()
-	if err := checkPrivate(fd, dir); err != nil {
-		return nil, err
-	}
-	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
-		return nil, errorf(ErrBusy, "--state-dir %s: another daemon uses it (%v)", dir, err)
-	}
 	if err := unix.Mkdirat(fd, imagesDir, 0o700); err != nil && !errors.Is(err, unix.EEXIST) {
 		return nil, fmt.Errorf("--state-dir %s: create %s: %w", dir, imagesDir, err)
 	}
@@ -97,17 +81,51 @@ func OpenStateDir(dir string, fresh bool) (_ *StateDir, err error) {
 	return sd, nil
 }
 
+// openPrivateDir opens (creating it, 0700) the folder of the flag named
+// flag and locks it: a folder that is not a directory, is a symlink,
+// belongs to another user or that others can write is refused (ErrInvalid),
+// one another daemon holds is ErrBusy. It returns the absolute path and the
+// folder's descriptor, which holds the lock.
+func openPrivateDir(flag, dir string) (string, int, error) {
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return "", -1, errorf(ErrInvalid, "%s %s: %w", flag, dir, err)
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+		return "", -1, fmt.Errorf("%s %s: create: %w", flag, dir, unwrapPath(err))
+	}
+	fd, err := unix.Open(dir, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.ENOTDIR) {
+			return "", -1, errorf(ErrInvalid, "%s %s: not a directory (a symlink is refused)", flag, dir)
+		}
+		return "", -1, fmt.Errorf("%s %s: open: %w", flag, dir, err)
+	}
+	if err := checkPrivateFor(flag, fd, dir); err != nil {
+		unix.Close(fd)
+		return "", -1, err
+	}
+	if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		unix.Close(fd)
+		return "", -1, errorf(ErrBusy, "%s %s: another daemon uses it (%v)", flag, dir, err)
+	}
+	return dir, fd, nil
+}
+
 // checkPrivate refuses a folder of another user, or one that others can write.
-func checkPrivate(fd int, name string) error {
+func checkPrivate(fd int, name string) error { return checkPrivateFor("--state-dir", fd, name) }
+
+// checkPrivateFor is checkPrivate for the folder of the flag named flag.
+func checkPrivateFor(flag string, fd int, name string) error {
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return fmt.Errorf("--state-dir %s: %w", name, err)
+		return fmt.Errorf("%s %s: %w", flag, name, err)
 	}
 	if uid := int(st.Uid); uid != 0 && uid != os.Geteuid() {
-		return errorf(ErrInvalid, "--state-dir %s belongs to uid %d: it must belong to root or to uid %d, the daemon's", name, uid, os.Geteuid())
+		return errorf(ErrInvalid, "%s %s belongs to uid %d: it must belong to root or to uid %d, the daemon's", flag, name, uid, os.Geteuid())
 	}
 	if st.Mode&0o022 != 0 {
-		return errorf(ErrInvalid, "--state-dir %s is mode %04o: others can write to it (it must be writable by its owner only)", name, st.Mode&0o7777)
+		return errorf(ErrInvalid, "%s %s is mode %04o: others can write to it (it must be writable by its owner only)", flag, name, st.Mode&0o7777)
 	}
 	return nil
 }

@@ -60,6 +60,12 @@ type Store struct {
 	state   *StateDir
 	stateMu sync.Mutex
 	saveCh  chan struct{}
+	// snap is the snapshot directory (nil: none); snapSem lets one
+	// snapshot be written at a time (snapshot.go).
+	snap    *SnapshotDir
+	snapSem chan struct{}
+	// snapWritten, snapFailed and snapBytes count snapshots for metrics.
+	snapWritten, snapFailed, snapBytes atomic.Int64
 }
 
 // ReservedInos are inode numbers the store never hands out: 1 is the mount's
@@ -94,6 +100,10 @@ type Options struct {
 	// and can Adopt what an earlier daemon left. The store owns it from
 	// now on; Close deletes the images and the manifest.
 	State *StateDir
+	// Snapshots, if set, is the snapshot directory every committed pushed
+	// version is written to (snapshot.go) and LoadSnapshots reads. The
+	// store owns it from now on; Close closes it (and deletes nothing).
+	Snapshots *SnapshotDir
 }
 
 // DefaultKeepVersions is what a daemon keeps of each model: the current
@@ -111,7 +121,7 @@ func New(arena *Arena, opts Options) *Store {
 		sysmem: opts.SystemMemory, memReserve: opts.MemoryReserve, keep: max(opts.KeepVersions, 0),
 		models: map[string]*Model{}, loads: map[*Load]bool{}, staged: map[string]*Staged{}, lastNumber: map[string]int{},
 		watchers: map[string]chan struct{}{}, sums: make(chan struct{}, checksumWorkers()),
-		state: opts.State, saveCh: make(chan struct{}, 1)}
+		state: opts.State, saveCh: make(chan struct{}, 1), snap: opts.Snapshots, snapSem: make(chan struct{}, 1)}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -215,6 +225,9 @@ func (s *Store) Close() error {
 		s.stateMu.Lock() // a save in progress ends first
 		errs = append(errs, s.state.close(true))
 		s.stateMu.Unlock()
+	}
+	if s.snap != nil {
+		errs = append(errs, s.snap.close())
 	}
 	return errors.Join(errs...)
 }
@@ -380,6 +393,10 @@ type Version struct {
 	loadTime time.Duration
 	gpuErr   error
 	bg       *background // the fill and checksums after commit (background.go)
+	// snapped is closed when the version's snapshot is written or failed
+	// (snapErr); nil: none is written (snapshot.go).
+	snapped chan struct{}
+	snapErr error
 }
 
 // Model is the name of the model this version belongs to.

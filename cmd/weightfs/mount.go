@@ -57,6 +57,7 @@ Sizes: bytes, Ki/Mi/Gi/Ti (or KiB…TiB, K…T: binary), KB…TB (decimal), or a
 	fl.IntVar(&f.store.KeepVersions, "keep-versions", store.DefaultKeepVersions, "versions of each model kept when one is committed, the current one always among them; older ones are unloaded (0: keep all)")
 	fl.StringVar(&f.store.StateDir, "state-dir", store.DefaultStateDir, "keep host images and their manifest here, so that a restarted daemon adopts them instead of re-reading sources (\"\": off)")
 	fl.BoolVar(&f.store.Fresh, "fresh", false, "delete what an earlier daemon left in --state-dir instead of adopting it")
+	fl.StringVar(&f.store.SnapshotDir, "snapshot-dir", "", "write committed pushed versions here, compressed, and load the newest of each model at start, so that they outlive a reboot (\"\": off)")
 	fl.StringVar(&f.metrics, "metrics-addr", "", "serve Prometheus metrics on this address (e.g. 127.0.0.1:9464)")
 	fl.BoolVar(&f.debug, "debug", false, "log every FUSE request")
 	f.push.register(fl)
@@ -85,6 +86,7 @@ func (a *app) mount(mountpoint string, f *mountFlags) error {
 		stdlog.SetOutput(slog.NewLogLogger(log.With("logger", "log").Handler(), slog.LevelInfo).Writer())
 	}
 	f.store.Logger = log
+	f.store.SnapshotSkip = modelNames(models) // an explicit --model wins over a snapshot
 	st, closeStore, err := store.Open(f.store)
 	if errors.Is(err, store.ErrInvalid) {
 		return statusError{err, 2}

@@ -310,13 +310,10 @@ func (c *Codec) DecodeParallel(ctx context.Context, dst, src []byte, workers int
 	if err != nil {
 		return err
 	}
-	if uint64(len(dst)) != h.rawLen {
-		return fmt.Errorf("codec: destination is %d bytes, the stream holds %d", len(dst), h.rawLen)
+	workers, err = decodeWorkers(h, dst, workers)
+	if err != nil {
+		return err
 	}
-	if workers <= 0 {
-		workers = runtime.GOMAXPROCS(0)
-	}
-	workers = max(min(workers, len(blocks)), 1)
 	var (
 		next     atomic.Int64
 		mu       sync.Mutex

@@ -5,9 +5,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"strings"
 	"testing"
+	"testing/iotest"
 
 	"github.com/weightfs/weightfs/store/codec"
 	"github.com/weightfs/weightfs/store/codec/codectest"
@@ -247,6 +249,10 @@ func TestCorrupt(t *testing.T) {
 			if !errors.Is(err, codec.ErrCorrupt) {
 				t.Fatalf("stream %d, %s: %v does not match ErrCorrupt", si, what, err)
 			}
+			rerr := c.DecodeReader(context.Background(), dst, iotest.HalfReader(bytes.NewReader(bad)), int64(len(bad)), 2)
+			if !errors.Is(rerr, codec.ErrCorrupt) {
+				t.Fatalf("stream %d, %s: DecodeReader: %v does not match ErrCorrupt", si, what, rerr)
+			}
 		}
 		for range 300 {
 			bad := bytes.Clone(enc)
@@ -347,5 +353,43 @@ func TestConversions(t *testing.T) {
 		if got := codectest.F16(tc.f); got != tc.hf {
 			t.Errorf("F16(%g) = %#04x, want %#04x", tc.f, got, tc.hf)
 		}
+	}
+}
+
+// TestDecodeReader: decoding while reading gives the bytes Decode gives,
+// whatever the reader's pace; a reader shorter than announced, a failing
+// reader and a cancelled context are errors.
+func TestDecodeReader(t *testing.T) {
+	c := codec.New(codec.Options{BlockSize: codec.MinBlockSize})
+	defer c.Close()
+	src := trained(t, "BF16", 3<<20, 5)
+	enc := roundTrip(t, c, src, "BF16")
+	for _, workers := range []int{1, 3} {
+		for name, r := range map[string]io.Reader{"whole": bytes.NewReader(enc), "halves": iotest.HalfReader(bytes.NewReader(enc)),
+			"bytes": iotest.DataErrReader(bytes.NewReader(enc))} {
+			dst := make([]byte, len(src))
+			if err := c.DecodeReader(context.Background(), dst, r, int64(len(enc)), workers); err != nil {
+				t.Fatalf("%s, %d workers: %v", name, workers, err)
+			}
+			if !bytes.Equal(dst, src) {
+				t.Fatalf("%s, %d workers: other bytes", name, workers)
+			}
+		}
+	}
+	dst := make([]byte, len(src))
+	if err := c.DecodeReader(context.Background(), dst, bytes.NewReader(enc[:len(enc)/2]), int64(len(enc)), 2); !errors.Is(err, codec.ErrCorrupt) {
+		t.Errorf("short reader: %v", err)
+	}
+	boom := errors.New("disk on fire")
+	if err := c.DecodeReader(context.Background(), dst, io.MultiReader(bytes.NewReader(enc[:len(enc)/3]), iotest.ErrReader(boom)), int64(len(enc)), 2); !errors.Is(err, boom) {
+		t.Errorf("failing reader: %v", err)
+	}
+	if err := c.DecodeReader(context.Background(), make([]byte, 5), bytes.NewReader(enc), int64(len(enc)), 2); err == nil {
+		t.Error("a destination of the wrong size was accepted")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := c.DecodeReader(ctx, dst, bytes.NewReader(enc), int64(len(enc)), 2); !errors.Is(err, context.Canceled) {
+		t.Errorf("cancelled: %v", err)
 	}
 }

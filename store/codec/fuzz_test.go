@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"testing"
+	"testing/iotest"
 )
 
 var fuzzDTypes = []string{"", "BF16", "F16", "F32", "F8_E4M3", "U8", "I64", "C64", "F4", "NOT_A_DTYPE"}
@@ -68,6 +69,12 @@ func decodeAny(t *testing.T, c *Codec, src []byte) {
 	}
 	if err != nil && !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("error %v does not match ErrCorrupt", err)
+	}
+	if n, rerr := RawSize(src); rerr == nil && n <= 64<<20 {
+		derr := c.DecodeReader(context.Background(), make([]byte, n), iotest.HalfReader(bytes.NewReader(src)), int64(len(src)), 2)
+		if (derr == nil) != (err == nil) || (derr != nil && !errors.Is(derr, ErrCorrupt)) {
+			t.Fatalf("DecodeReader says %v, Decode %v", derr, err)
+		}
 	}
 	if err == nil {
 		infos, ierr := Info(src)
