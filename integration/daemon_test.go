@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // buildDaemon builds the weightfs binary once per test binary run.
@@ -79,6 +81,10 @@ func startDaemon(t testing.TB, args ...string) *daemon {
 	t.Cleanup(func() {
 		d.cmd.Process.Signal(syscall.SIGKILL)
 		<-d.done
+		if len(args) > 1 && args[0] == "mount" {
+			// A killed daemon leaves its mount behind (ENOTCONN): detach it.
+			unix.Unmount(args[1], unix.MNT_DETACH)
+		}
 	})
 	return d
 }
