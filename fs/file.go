@@ -60,6 +60,12 @@ func (n *fileNode) Open(ctx context.Context, flags uint32) (gofs.FileHandle, uin
 	if !n.version.Acquire() {
 		return nil, 0, syscall.ENOENT // unloaded and freed since the lookup
 	}
+	// A compressed version is restored whole before the open returns; the
+	// open holds it, so it is not compressed again while open.
+	if err := n.version.EnsureHost(ctx); err != nil {
+		n.version.Release()
+		return nil, 0, waitErrno(ctx, err)
+	}
 	// A pushed file's host image may still be filling from the GPU: nobody
 	// may read a partial file. The open holds the version meanwhile. An
 	// O_DIRECT open does not wait: its reads come here with their exact

@@ -35,6 +35,12 @@ type versionUse struct {
 	holders  map[int]bool // pids that received CUDA handles
 	draining bool
 	freed    bool
+	// The tier (tier.go): compressed, a move in progress (moving, closed
+	// when it ends, moveErr its failure) and the last use, for eviction.
+	compressed bool
+	moving     chan struct{}
+	moveErr    error
+	lastUse    time.Time
 }
 
 // Acquire records an open file of the version. It fails once the version has
@@ -46,6 +52,7 @@ func (v *Version) Acquire() bool {
 		return false
 	}
 	v.use.open++
+	v.use.lastUse = time.Now()
 	return true
 }
 
@@ -54,6 +61,7 @@ func (v *Version) Acquire() bool {
 func (v *Version) Release() {
 	v.use.mu.Lock()
 	v.use.open--
+	v.use.lastUse = time.Now()
 	done := v.use.draining && v.use.open == 0
 	v.use.mu.Unlock()
 	if done && v.store != nil {
@@ -75,6 +83,7 @@ func (v *Version) NoteHandleHolder(pid int) {
 		v.use.holders = map[int]bool{}
 	}
 	v.use.holders[pid] = true
+	v.use.lastUse = time.Now()
 }
 
 // ReleaseHandles forgets pid (its thread group) as a holder of the
@@ -175,8 +184,15 @@ func processAlive(pid int) bool {
 	return err == nil || errors.Is(err, syscall.EPERM)
 }
 
-// idle says whether nothing uses the version any more.
+// idle says whether nothing uses the version any more (a tier move in
+// progress uses it).
 func (v *Version) idle() bool {
+	return v.use.moving == nil && v.unused()
+}
+
+// unused: no file of the version is open and no live process holds its
+// GPU handles (dead holders are forgotten).
+func (v *Version) unused() bool {
 	if v.use.open > 0 {
 		return false
 	}
@@ -667,6 +683,9 @@ func (s *Store) Verify(ctx context.Context, name string, number int) (*Version, 
 		return nil, nil, errorf(ErrNotFound, "verify %s: no version %d (versions: %s)", name, number, versionList(m.Versions()))
 	}
 	defer v.Release()
+	if err := v.EnsureHost(ctx); err != nil {
+		return nil, nil, fmt.Errorf("verify %s: %w", v.Name(), err)
+	}
 	var checks []FileCheck
 	for _, f := range v.files {
 		c, err := f.verify(ctx)

@@ -154,7 +154,7 @@ func (s *Store) loadFolder(ctx context.Context, load *Load, opts LoadOptions) (*
 	// Versions that drained since the reaper last looked are freed first, so
 	// that their memory counts as free.
 	s.reap()
-	release, err := s.reserve(name, abs, hostCost, gpuNeed)
+	release, err := s.reserveEvicting(ctx, name, abs, hostCost, gpuNeed)
 	if err != nil {
 		return nil, err
 	}

@@ -109,7 +109,9 @@ func (s *Store) manifestLocked() stateManifest {
 				mm.Current = m.current.number
 			}
 			for _, v := range m.versions {
-				mm.Versions = append(mm.Versions, v.manifest())
+				if mv, ok := v.manifest(); ok { // a compressed one has no images: a crash loses it
+					mm.Versions = append(mm.Versions, mv)
+				}
 			}
 			m.mu.RUnlock()
 		}
@@ -118,7 +120,7 @@ func (s *Store) manifestLocked() stateManifest {
 	return out
 }
 
-func (v *Version) manifest() manifestVersion {
+func (v *Version) manifest() (manifestVersion, bool) {
 	mv := manifestVersion{Number: v.number, LoadedAt: v.loadedAt, LoadSeconds: v.loadTime.Seconds(), Source: v.source}
 	var walk func(rel string, d *Dir)
 	walk = func(rel string, d *Dir) {
@@ -133,7 +135,11 @@ func (v *Version) manifest() manifestVersion {
 	}
 	walk(".", v.root)
 	for _, f := range v.files {
-		mf := manifestFile{Path: f.path, Kind: f.kind.String(), Size: f.Size(), Image: f.buf.image, Source: f.source,
+		b := f.image()
+		if b == nil {
+			return mv, false
+		}
+		mf := manifestFile{Path: f.path, Kind: f.kind.String(), Size: b.Size(), Image: b.image, Source: f.source,
 			manifestAttrs: toAttrs(f.attrs)}
 		if f.source != "" && f.hasSrcID {
 			mf.SourceID = toID(f.srcID)
@@ -143,7 +149,7 @@ func (v *Version) manifest() manifestVersion {
 		}
 		mv.Files = append(mv.Files, mf)
 	}
-	return mv
+	return mv, true
 }
 
 // saveState rewrites the manifest (stores without a state directory: nothing).

@@ -8,6 +8,7 @@ type collector struct {
 	s                                     *Store
 	resident, budget, versions, openFiles *prometheus.Desc
 	snapshots, snapshotBytes              *prometheus.Desc
+	tierMoves                             *prometheus.Desc
 }
 
 // Collector is the store's Prometheus collector: resident bytes and budgets
@@ -27,6 +28,8 @@ func (s *Store) Collector() prometheus.Collector {
 			"Snapshots of pushed versions to --snapshot-dir, by result (written, failed); only with --snapshot-dir.", []string{"result"}, nil),
 		snapshotBytes: prometheus.NewDesc("weightfs_snapshot_written_bytes_total",
 			"Bytes written to --snapshot-dir by snapshots; only with --snapshot-dir.", nil, nil),
+		tierMoves: prometheus.NewDesc("weightfs_tier_moves_total",
+			"Versions moved between host memory tiers (host, compressed).", []string{"from", "to"}, nil),
 	}
 }
 
@@ -37,6 +40,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.openFiles
 	ch <- c.snapshots
 	ch <- c.snapshotBytes
+	ch <- c.tierMoves
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
@@ -66,6 +70,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.versions, float64(ready), StateReady)
 	gauge(c.versions, float64(len(draining)), StateDraining)
 	gauge(c.openFiles, float64(open))
+	if c.s.compressIdle || c.s.moveCompress.Load() > 0 {
+		ch <- prometheus.MustNewConstMetric(c.tierMoves, prometheus.CounterValue, float64(c.s.moveCompress.Load()), TierHost, TierCompressed)
+		ch <- prometheus.MustNewConstMetric(c.tierMoves, prometheus.CounterValue, float64(c.s.moveRestore.Load()), TierCompressed, TierHost)
+	}
 	if c.s.snap != nil {
 		counter := func(d *prometheus.Desc, v int64, labels ...string) {
 			ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)

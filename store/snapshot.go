@@ -155,8 +155,9 @@ func (s *Store) snapshotVersion(ctx context.Context, v *Version) (raw, written i
 
 	c := codec.New(codec.Options{})
 	defer c.Close()
+	mv, _ := v.manifest() // v's background: it is not compressed
 	sv := snapshotVersion{Format: snapshotFormat, Model: v.model, Number: v.number, Source: v.source,
-		LoadedAt: v.loadedAt, Dirs: v.manifest().Dirs}
+		LoadedAt: v.loadedAt, Dirs: mv.Dirs}
 	for i, f := range v.files {
 		sum, ok := f.Checksum()
 		if !ok {

@@ -148,6 +148,10 @@ func (st *Staged) stage(manifest []PushTensor, given map[string][]byte, layout P
 			return errorf(ErrBusy, "push %s: its current version %s was just unloaded; push again", st.name, base.Name())
 		}
 		defer base.Release()
+		// Unchanged files are copied from the base's host images.
+		if err := base.EnsureHost(context.Background()); err != nil {
+			return fmt.Errorf("push %s: %w", st.name, err)
+		}
 	}
 	plan, err := PlanPush(manifest, base, slices.Sorted(maps.Keys(given)), layout)
 	if err != nil {
@@ -174,7 +178,7 @@ func (st *Staged) stage(manifest []PushTensor, given map[string][]byte, layout P
 	// takes seconds: only a refused push waits for it (Store.Run frees them
 	// in the background otherwise).
 	admit := func() (func(), error) {
-		release, err := s.reserve(st.name, st.source(), host, gpuNeed)
+		release, err := s.reserveEvicting(context.Background(), st.name, st.source(), host, gpuNeed)
 		if err != nil || len(gpus) == 0 {
 			return release, err
 		}

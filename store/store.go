@@ -66,6 +66,11 @@ type Store struct {
 	snapSem chan struct{}
 	// snapWritten, snapFailed and snapBytes count snapshots for metrics.
 	snapWritten, snapFailed, snapBytes atomic.Int64
+	// moves are the tier moves in progress (tier.go); Close waits for
+	// them. moveCompress and moveRestore count those done, for metrics.
+	moves                     sync.WaitGroup
+	moveCompress, moveRestore atomic.Int64
+	compressIdle              bool
 }
 
 // ReservedInos are inode numbers the store never hands out: 1 is the mount's
@@ -104,6 +109,10 @@ type Options struct {
 	// version is written to (snapshot.go) and LoadSnapshots reads. The
 	// store owns it from now on; Close closes it (and deletes nothing).
 	Snapshots *SnapshotDir
+	// CompressIdle lets a load, push or restore refused for host memory
+	// move idle versions to the compressed tier, least recently used
+	// first, before it gives up (tier.go). Off: refused as before.
+	CompressIdle bool
 }
 
 // DefaultKeepVersions is what a daemon keeps of each model: the current
@@ -121,7 +130,8 @@ func New(arena *Arena, opts Options) *Store {
 		sysmem: opts.SystemMemory, memReserve: opts.MemoryReserve, keep: max(opts.KeepVersions, 0),
 		models: map[string]*Model{}, loads: map[*Load]bool{}, staged: map[string]*Staged{}, lastNumber: map[string]int{},
 		watchers: map[string]chan struct{}{}, sums: make(chan struct{}, checksumWorkers()),
-		state: opts.State, saveCh: make(chan struct{}, 1), snap: opts.Snapshots, snapSem: make(chan struct{}, 1)}
+		state: opts.State, saveCh: make(chan struct{}, 1), snap: opts.Snapshots, snapSem: make(chan struct{}, 1),
+		compressIdle: opts.CompressIdle}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -209,6 +219,7 @@ func (s *Store) Close() error {
 		st.Abort("the store closes")
 	}
 	s.reaps.Wait()
+	s.moves.Wait() // a move reads and frees host images
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.changedAll()
@@ -430,11 +441,17 @@ func (f *File) HeaderBytes() int64 {
 func (v *Version) Bytes() int64 { return v.bytes }
 
 // HostBytes is the host memory the version takes: each file's size rounded
-// up to the pages it is kept in (Bytes is the files' sizes).
+// up to the pages it is kept in (Bytes is the files' sizes), or in the
+// compressed tier its stream's size.
 func (v *Version) HostBytes() int64 {
 	var n int64
 	for _, f := range v.files {
-		n += f.buf.Cost()
+		f.tmu.RLock()
+		if f.buf != nil {
+			n += f.buf.Cost()
+		}
+		n += int64(len(f.packed))
+		f.tmu.RUnlock()
 	}
 	return n
 }
@@ -456,7 +473,14 @@ func (v *Version) free() error {
 		if err := f.freeGPU(); err != nil {
 			errs = append(errs, fmt.Errorf("free %s/%s: %w", v.Name(), f.path, err))
 		}
-		if err := f.buf.Close(); err != nil {
+		f.tmu.Lock()
+		b := f.buf // kept: a freed version still says what it took
+		f.packed = nil
+		f.tmu.Unlock()
+		if b == nil {
+			continue // compressed
+		}
+		if err := b.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("free %s/%s: %w", v.Name(), f.path, err))
 		}
 	}
@@ -519,8 +543,17 @@ type File struct {
 	kind   Kind
 	source string
 	header *safetensors.Header
-	buf    *Buffer
 	attrs  attrs // owner, group and permission bits (store/source.go)
+
+	// buf is the host image (nil in the compressed tier, where packed is
+	// the codec stream of rawSize bytes). Set before the version is
+	// visible; after that only a tier move (tier.go) or free swaps them,
+	// under tmu, and nobody reads buf but through image() or while the
+	// version is open (a move never swaps an open version's image).
+	tmu     sync.RWMutex
+	buf     *Buffer
+	packed  []byte
+	rawSize int64
 
 	// Set while loading, cleared when the version is freed.
 	mu       sync.RWMutex
@@ -573,10 +606,29 @@ func (f *File) Source() string { return f.source }
 func (f *File) Header() *safetensors.Header { return f.header }
 
 // Size is the file's length in bytes.
-func (f *File) Size() int64 { return f.buf.Size() }
+func (f *File) Size() int64 {
+	f.tmu.RLock()
+	defer f.tmu.RUnlock()
+	if f.buf == nil {
+		return f.rawSize
+	}
+	return f.buf.Size()
+}
 
-// Bytes is the host image, the file's exact bytes.
-func (f *File) Bytes() []byte { return f.buf.Bytes() }
+// Bytes is the host image, the file's exact bytes (nil while the version is
+// compressed: Version.EnsureHost restores it).
+func (f *File) Bytes() []byte {
+	if b := f.image(); b != nil {
+		return b.Bytes()
+	}
+	return nil
+}
 
-// BackingFd is the descriptor of the memory-backed file holding the image.
-func (f *File) BackingFd() int { return f.buf.Fd() }
+// BackingFd is the descriptor of the memory-backed file holding the image
+// (-1 while the version is compressed). A restore makes a new one.
+func (f *File) BackingFd() int {
+	if b := f.image(); b != nil {
+		return b.Fd()
+	}
+	return -1
+}

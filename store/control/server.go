@@ -308,7 +308,7 @@ func versionOf(v *store.Version, current bool) Version {
 		Name: v.Name(), Model: v.Model(), Number: v.Number(), State: v.State(), Current: current,
 		Files: len(v.Files()), Bytes: v.Bytes(), HostBytes: v.HostBytes(), Residency: v.Residency(), OpenFiles: v.OpenFiles(),
 		HandleHolders: v.HandleHolders(), LoadedAt: v.LoadedAt().UTC().Format(time.RFC3339),
-		LoadSeconds: secs, Source: v.Source(),
+		LoadSeconds: secs, Source: v.Source(), Tier: v.Tier(), CompressedBytes: v.CompressedBytes(),
 	}
 	if j.HandleHolders == nil {
 		j.HandleHolders = []int{}

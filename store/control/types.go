@@ -8,22 +8,26 @@ import "time"
 
 // Version describes one version of a model.
 type Version struct {
-	Name          string   `json:"name"`
-	Model         string   `json:"model"`
-	Number        int      `json:"number"`
-	State         string   `json:"state"`
-	Current       bool     `json:"current"`
-	Files         int      `json:"files"`
-	Bytes         int64    `json:"bytes"`
-	HostBytes     int64    `json:"host_bytes"` // host memory: each file rounded up to its pages
-	Residency     []string `json:"residency"`
-	OpenFiles     int      `json:"open_files"`
-	HandleHolders []int    `json:"handle_holders"`
-	LoadedAt      string   `json:"loaded_at"`
-	LoadSeconds   float64  `json:"load_seconds"`
-	LoadRate      float64  `json:"load_bytes_per_second"`
-	Source        string   `json:"source"`
-	GPUError      string   `json:"gpu_error,omitempty"`
+	Name      string   `json:"name"`
+	Model     string   `json:"model"`
+	Number    int      `json:"number"`
+	State     string   `json:"state"`
+	Current   bool     `json:"current"`
+	Files     int      `json:"files"`
+	Bytes     int64    `json:"bytes"`
+	HostBytes int64    `json:"host_bytes"` // host memory: each file rounded up to its pages
+	Residency []string `json:"residency"`
+	// Tier is "host" (host images) or "compressed" (codec streams, restored
+	// on the next open); CompressedBytes is the streams' size then.
+	Tier            string  `json:"tier"`
+	CompressedBytes int64   `json:"compressed_bytes"`
+	OpenFiles       int     `json:"open_files"`
+	HandleHolders   []int   `json:"handle_holders"`
+	LoadedAt        string  `json:"loaded_at"`
+	LoadSeconds     float64 `json:"load_seconds"`
+	LoadRate        float64 `json:"load_bytes_per_second"`
+	Source          string  `json:"source"`
+	GPUError        string  `json:"gpu_error,omitempty"`
 }
 
 // Model is a model and its versions.

@@ -78,14 +78,18 @@ func Interrupted(name string) string {
 // Versions is a table of versions, the current one of each model marked *.
 func Versions(w io.Writer, models []control.Model, draining []control.Version) {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "VERSION\tSTATE\tFILES\tSIZE\tRESIDENT ON\tOPEN\tLOADED\tLOAD RATE\tSOURCE")
+	fmt.Fprintln(tw, "VERSION\tSTATE\tFILES\tSIZE\tTIER\tRESIDENT ON\tOPEN\tLOADED\tLOAD RATE\tSOURCE")
 	row := func(v control.Version) {
 		name := v.Name
 		if v.Current {
 			name += " *"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%d\t%s\t%s/s\t%s\n", name, v.State, v.Files, store.HumanBytes(v.Bytes),
-			strings.Join(v.Residency, ","), v.OpenFiles, v.LoadedAt, store.HumanBytes(int64(v.LoadRate)), v.Source)
+		tier := v.Tier
+		if tier == store.TierCompressed {
+			tier += " " + store.HumanBytes(v.CompressedBytes)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%d\t%s\t%s/s\t%s\n", name, v.State, v.Files, store.HumanBytes(v.Bytes),
+			tier, strings.Join(v.Residency, ","), v.OpenFiles, v.LoadedAt, store.HumanBytes(int64(v.LoadRate)), v.Source)
 	}
 	for _, m := range models {
 		for _, v := range m.Versions {

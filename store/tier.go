@@ -1,0 +1,423 @@
+package store
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"slices"
+	"sort"
+	"time"
+
+	"github.com/weightfs/weightfs/store/codec"
+)
+
+// Host memory tiers of a version (docs/ARCHITECTURE.md, "Tiers").
+const (
+	// TierCompressed: the host images are freed; each file is kept as a
+	// codec stream in the daemon's heap and restored on its next open.
+	TierCompressed = "compressed"
+)
+
+// Tier is TierHost or TierCompressed.
+func (v *Version) Tier() string {
+	v.use.mu.Lock()
+	defer v.use.mu.Unlock()
+	if v.use.compressed {
+		return TierCompressed
+	}
+	return TierHost
+}
+
+// CompressedBytes is the size of the version's codec streams (0 in the
+// host tier).
+func (v *Version) CompressedBytes() int64 {
+	var n int64
+	for _, f := range v.files {
+		f.tmu.RLock()
+		n += int64(len(f.packed))
+		f.tmu.RUnlock()
+	}
+	return n
+}
+
+// LastUsed is when the version was last opened, released or handed out
+// (its commit until then): eviction takes the least recently used first.
+func (v *Version) LastUsed() time.Time {
+	v.use.mu.Lock()
+	defer v.use.mu.Unlock()
+	if v.use.lastUse.IsZero() {
+		return v.loadedAt
+	}
+	return v.use.lastUse
+}
+
+// image is the file's host image (nil while its version is compressed).
+func (f *File) image() *Buffer {
+	f.tmu.RLock()
+	defer f.tmu.RUnlock()
+	return f.buf
+}
+
+// backgroundDone: v's fill, checksums and snapshot are over (they read
+// the host images a compression frees).
+func (v *Version) backgroundDone() bool {
+	if v.bg == nil {
+		return true
+	}
+	select {
+	case <-v.bg.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// beginMove marks v as moving between tiers if nothing uses it (nobody has
+// it open, no live process holds its GPU handles, it is not draining and
+// its background work is over) and it is in the host tier. It returns
+// the channel to close when the move ends, or why v cannot move.
+func (v *Version) beginMove() (chan struct{}, error) {
+	v.use.mu.Lock()
+	defer v.use.mu.Unlock()
+	switch {
+	case v.use.freed || v.use.draining:
+		return nil, errorf(ErrNotFound, "compress %s: it is unloaded", v.Name())
+	case v.use.moving != nil:
+		return nil, errorf(ErrBusy, "compress %s: it is moving between tiers", v.Name())
+	case v.use.compressed:
+		return nil, nil
+	case !v.idle():
+		return nil, errorf(ErrBusy, "compress %s: it is in use (%d open files, handle holders %v)",
+			v.Name(), v.use.open, v.holdersLocked())
+	case !v.backgroundDone():
+		return nil, errorf(ErrBusy, "compress %s: its fill, checksums or snapshot are still running", v.Name())
+	}
+	ch := make(chan struct{})
+	v.use.moving = ch
+	return ch, nil
+}
+
+func (v *Version) holdersLocked() []int {
+	var pids []int
+	for pid := range v.use.holders {
+		pids = append(pids, pid)
+	}
+	sort.Ints(pids)
+	return pids
+}
+
+// endMove ends a move; err is what restore waiters are told. A draining
+// version that nothing uses any more is freed now.
+func (s *Store) endMove(v *Version, ch chan struct{}, err error) {
+	v.use.mu.Lock()
+	v.use.moving = nil
+	v.use.moveErr = err
+	done := v.use.draining && v.idle()
+	v.use.mu.Unlock()
+	close(ch)
+	if done {
+		s.reap(v)
+	}
+}
+
+// trackMove registers a tier move that Close waits for; false once the
+// store is closed.
+func (s *Store) trackMove() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.moves.Add(1)
+	return true
+}
+
+// Compress moves a version (number > 0) that nobody uses to the compressed
+// tier: every file is encoded (byte planes for weights, zstd or raw for
+// the rest), the encoding checked by its raw size, then the host images
+// are freed. GPU replicas stay (their slabs do not depend on the host
+// image; the image is unpinned). A version in use is ErrBusy; one already
+// compressed is left as it is.
+func (s *Store) Compress(ctx context.Context, name string, number int) (*Version, error) {
+	if err := checkVersionRequest("compress", name, number); err != nil {
+		return nil, err
+	}
+	v := s.Version(name, number)
+	if v == nil {
+		return nil, errorf(ErrNotFound, "compress %s@%d: no such version", name, number)
+	}
+	return v, s.compress(ctx, v, "requested")
+}
+
+// compress moves v to the compressed tier; reason is logged.
+func (s *Store) compress(ctx context.Context, v *Version, reason string) error {
+	ch, err := v.beginMove()
+	if err != nil || ch == nil {
+		return err
+	}
+	if !s.trackMove() {
+		s.endMove(v, ch, nil)
+		return errorf(ErrBusy, "compress %s: the store is closed", v.Name())
+	}
+	defer s.moves.Done()
+	start := time.Now()
+	freed, packed, err := s.compressFiles(ctx, v)
+	s.endMove(v, ch, nil)
+	if err != nil {
+		return err
+	}
+	s.moveCompress.Add(1)
+	s.saveState() // the manifest names host images only
+	s.log.Info("evicted", "version", v.Name(), "from", TierHost, "to", TierCompressed, "bytes_freed", freed,
+		"compressed_bytes", packed, "seconds", time.Since(start).Seconds(), "reason", reason)
+	return nil
+}
+
+// compressFiles encodes v's files and, if nothing opened v meanwhile,
+// swaps their host images for the streams. It returns the host memory
+// freed and the streams' size.
+func (s *Store) compressFiles(ctx context.Context, v *Version) (freed, packed int64, err error) {
+	c := codec.New(codec.Options{})
+	defer c.Close()
+	workers := runtime.GOMAXPROCS(0)
+	streams := make([][]byte, len(v.files))
+	for i, f := range v.files {
+		img := f.buf.Bytes() // v is moving: nothing swaps f.buf but us
+		var st []byte
+		if f.kind == Weights {
+			st, err = c.EncodeSafetensors(ctx, make([]byte, 0, encodeBound(len(img))), img, workers)
+		} else {
+			st, err = c.EncodeParallel(ctx, make([]byte, 0, encodeBound(len(img))), img, "", workers)
+		}
+		if err != nil {
+			return 0, 0, fmt.Errorf("compress %s/%s: %w", v.Name(), f.path, err)
+		}
+		if n, err := codec.RawSize(st); err != nil || n != int64(len(img)) {
+			return 0, 0, fmt.Errorf("compress %s/%s: the stream decodes to %d bytes, want %d (%v)", v.Name(), f.path, n, len(img), err)
+		}
+		streams[i] = bytes.Clone(st) // the exact size, not the bound
+		packed += int64(len(st))
+	}
+	v.use.mu.Lock()
+	defer v.use.mu.Unlock()
+	if !v.unused() {
+		// Opened (or handed out) while encoding: it stays in the host tier.
+		return 0, 0, errorf(ErrBusy, "compress %s: it was opened while being compressed", v.Name())
+	}
+	var errs []error
+	for i, f := range v.files {
+		if err := f.unpin(); err != nil {
+			errs = append(errs, err)
+		}
+		f.tmu.Lock()
+		old := f.buf
+		f.buf, f.packed, f.rawSize = nil, streams[i], old.Size()
+		f.tmu.Unlock()
+		freed += old.Cost()
+		if err := old.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("free the host image of %s/%s: %w", v.Name(), f.path, err))
+		}
+	}
+	v.use.compressed = true
+	if err := errors.Join(errs...); err != nil {
+		s.log.Error("compress: freeing host images", "version", v.Name(), "err", err)
+	}
+	return freed, packed, nil
+}
+
+// unpin unregisters the host image from the driver before it is freed;
+// the replicas stay.
+func (f *File) unpin() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.pinned == nil {
+		return nil
+	}
+	err := f.pinned.UnregisterHost(f.buf.Bytes())
+	f.pinned = nil
+	if err != nil {
+		return fmt.Errorf("unpin %s: %w", f.path, err)
+	}
+	return nil
+}
+
+// EnsureHost brings a compressed version back to the host tier: the whole
+// version is restored (decoded on every core, each file's XXH3 checked
+// against the recorded one) before it returns. Concurrent callers wait for
+// one restore; ctx ends only the wait. The caller holds the version
+// (Acquire), so it cannot be compressed again meanwhile.
+func (v *Version) EnsureHost(ctx context.Context) error {
+	v.use.mu.Lock()
+	v.use.lastUse = time.Now()
+	v.use.mu.Unlock()
+	for {
+		v.use.mu.Lock()
+		ch, started := v.use.moving, false
+		if ch == nil && !v.use.compressed {
+			v.use.mu.Unlock()
+			return nil
+		}
+		if ch == nil {
+			ch, started = make(chan struct{}), true
+			v.use.moving = ch
+		}
+		v.use.mu.Unlock()
+		if started {
+			s := v.store
+			if !s.trackMove() {
+				s.endMove(v, ch, errorf(ErrBusy, "restore %s: the store is closed", v.Name()))
+			} else {
+				// The restore goes on if this caller gives up: others
+				// may wait for it, and it ends by itself.
+				go func() {
+					defer s.moves.Done()
+					s.endMove(v, ch, s.restore(v))
+				}()
+			}
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("wait for the restore of %s: %w", v.Name(), ctx.Err())
+		}
+		v.use.mu.Lock()
+		compressed, err := v.use.compressed, v.use.moveErr
+		v.use.mu.Unlock()
+		if !compressed {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// restore decodes every file of v into new host images and swaps them in;
+// on any failure v stays compressed and nothing is kept.
+func (s *Store) restore(v *Version) error {
+	start := time.Now()
+	ctx := context.Background()
+	var need int64
+	for _, f := range v.files {
+		need += s.arena.Cost(f.rawSize)
+	}
+	release, err := s.reserveEvicting(ctx, v.model, v.source, need, 0)
+	if err != nil {
+		err = fmt.Errorf("restore %s from the compressed tier: %w", v.Name(), err)
+		s.log.Error("restore", "version", v.Name(), "err", err)
+		return err
+	}
+	defer release()
+	c := codec.New(codec.Options{})
+	defer c.Close()
+	bufs := make([]*Buffer, 0, len(v.files))
+	closeAll := func() {
+		for _, b := range bufs {
+			b.Close()
+		}
+	}
+	for _, f := range v.files {
+		b, err := s.arena.NewBuffer(f.path, f.rawSize)
+		if err != nil {
+			closeAll()
+			err = fmt.Errorf("restore %s/%s: %w", v.Name(), f.path, err)
+			s.log.Error("restore", "version", v.Name(), "err", err)
+			return err
+		}
+		bufs = append(bufs, b)
+		if err := f.decodeInto(ctx, c, b); err != nil {
+			closeAll()
+			err = fmt.Errorf("restore %s/%s: %w", v.Name(), f.path, err)
+			s.log.Error("restore", "version", v.Name(), "err", err)
+			return err
+		}
+	}
+	v.use.mu.Lock()
+	for i, f := range v.files {
+		f.tmu.Lock()
+		f.buf, f.packed = bufs[i], nil
+		f.tmu.Unlock()
+	}
+	v.use.compressed = false
+	v.use.mu.Unlock()
+	s.moveRestore.Add(1)
+	s.saveState()
+	s.log.Info("restored", "version", v.Name(), "from", TierCompressed, "to", TierHost, "bytes", v.bytes,
+		"seconds", time.Since(start).Seconds())
+	return nil
+}
+
+// decodeInto decodes f's stream into b and checks it against f's recorded
+// XXH3 (a file without one is checked by the codec's block checksums only).
+func (f *File) decodeInto(ctx context.Context, c *codec.Codec, b *Buffer) error {
+	if err := c.DecodeParallel(ctx, b.Bytes(), f.packed, runtime.GOMAXPROCS(0)); err != nil {
+		return fmt.Errorf("decode: %w", err)
+	}
+	want, ok := f.Checksum()
+	if !ok {
+		return nil
+	}
+	got, err := hashImage(ctx, b.Bytes())
+	if err != nil {
+		return err
+	}
+	if got != want {
+		return fmt.Errorf("restored bytes differ from the recorded checksum: XXH3 %s, want %s",
+			FormatChecksum(got), FormatChecksum(want))
+	}
+	return nil
+}
+
+// reserveEvicting is reserve that, with Options.CompressIdle, when host memory is refused (the budget
+// or the system), moves idle versions to the compressed tier, least
+// recently used first, retrying after each, before it gives up with the
+// refusal. Nothing open or held is touched.
+func (s *Store) reserveEvicting(ctx context.Context, name, dir string, host, gpu int64) (func(), error) {
+	tried := map[*Version]bool{}
+	for {
+		release, err := s.reserve(name, dir, host, gpu)
+		var be *BudgetError
+		if err == nil || !s.compressIdle || !errors.As(err, &be) || be.Tier == TierGPU {
+			return release, err
+		}
+		if !s.evictOne(ctx, tried, fmt.Sprintf("%s of host memory for %s (%s budget)", HumanBytes(host), name, be.Tier)) {
+			return nil, err
+		}
+	}
+}
+
+// evictOne compresses the least recently used idle version not in tried;
+// false when there is none left to try.
+func (s *Store) evictOne(ctx context.Context, tried map[*Version]bool, reason string) bool {
+	for {
+		var cands []*Version
+		for _, m := range s.Models() {
+			for _, v := range m.Versions() {
+				if !tried[v] && v.evictable() {
+					cands = append(cands, v)
+				}
+			}
+		}
+		if len(cands) == 0 {
+			return false
+		}
+		slices.SortStableFunc(cands, func(a, b *Version) int { return a.LastUsed().Compare(b.LastUsed()) })
+		v := cands[0]
+		tried[v] = true
+		if err := s.compress(ctx, v, "memory pressure: "+reason); err != nil {
+			s.log.Info("eviction skipped a version", "version", v.Name(), "err", err)
+			continue
+		}
+		return true
+	}
+}
+
+// evictable: v is in the host tier and nothing uses it (a quick check;
+// beginMove decides).
+func (v *Version) evictable() bool {
+	v.use.mu.Lock()
+	defer v.use.mu.Unlock()
+	return !v.use.compressed && v.use.moving == nil && !v.use.draining && !v.use.freed && v.idle() && v.backgroundDone()
+}
