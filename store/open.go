@@ -25,6 +25,10 @@ type Config struct {
 	// stay when one is committed (the current one always stays); 0 keeps
 	// all. The flag's default is DefaultKeepVersions.
 	KeepVersions int
+	// CompressIdle is --compress-idle: a load, push or restore refused for
+	// host memory first compresses idle versions, least recently used
+	// first (Options.CompressIdle).
+	CompressIdle bool
 	// StateDir is --state-dir: where host images and the manifest outlive a
 	// killed daemon ("": nowhere, images die with the daemon).
 	StateDir string
@@ -107,7 +111,7 @@ func Open(cfg Config) (st *Store, closeAll func(), err error) {
 		log.Info("host memory admission", attrs...)
 	}
 	st = New(arena, Options{Logger: log, GPUs: gpus, Budgets: budgets, MemoryReserve: reserve,
-		KeepVersions: cfg.KeepVersions, State: sd, Snapshots: snap})
+		KeepVersions: cfg.KeepVersions, State: sd, Snapshots: snap, CompressIdle: cfg.CompressIdle})
 	if sd != nil {
 		st.Adopt(context.Background())
 	}

@@ -1,0 +1,75 @@
+package integration
+
+import (
+	"encoding/json"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/weightfs/weightfs/store/codec/codectest"
+	"github.com/weightfs/weightfs/store/control"
+	"github.com/weightfs/weightfs/store/safetensors"
+)
+
+// writeTrainedModel writes a one-file model of mib MiB of trained-like BF16
+// weights (they compress about 1.5x, as real ones do).
+func writeTrainedModel(t *testing.T, dir string, mib int, seed uint64) {
+	t.Helper()
+	data, err := codectest.Model("BF16", mib<<20, seed)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeSafetensors(t, filepath.Join(dir, "model.safetensors"), []safetensors.Tensor{
+		{Name: "w", DType: safetensors.BF16, Shape: []int64{int64(len(data) / 2)}, Data: data}})
+	writeFile(t, filepath.Join(dir, "config.json"), `{"model_type": "llama"}`)
+}
+
+// TestDaemonCompressIdle: with --compress-idle and a host budget (23 MiB)
+// below two 12 MiB models, loading the second compresses the first (nobody
+// has it open; about 8 MiB compressed) instead of refusing; once the second
+// is unloaded, reading the first through the mount restores it, byte for
+// byte.
+func TestDaemonCompressIdle(t *testing.T) {
+	src1, src2 := t.TempDir(), t.TempDir()
+	writeTrainedModel(t, src1, 12, 31)
+	writeTrainedModel(t, src2, 12, 32)
+	want := map[string][]byte{}
+	for rel, p := range sourceFiles(t, src1) {
+		want[rel] = mustRead(t, p)
+	}
+	c := startControl(t, "--model", "a="+src1, "--host-memory", "23Mi", "--compress-idle")
+	tier := func(name string) string {
+		t.Helper()
+		out, stderr, code := c.run(t, "ls", "--json")
+		if code != 0 {
+			t.Fatalf("weightfs ls: %s", stderr)
+		}
+		var l control.List
+		if err := json.Unmarshal([]byte(out), &l); err != nil {
+			t.Fatal(err)
+		}
+		if m := findModel(l, name); m != nil && len(m.Versions) > 0 {
+			return m.Versions[len(m.Versions)-1].Tier
+		}
+		return ""
+	}
+
+	if _, stderr, code := c.run(t, "load", "b", src2); code != 0 {
+		t.Fatalf("loading b over the budget with --compress-idle: %s\n%s", stderr, c.log())
+	}
+	if got := tier("a"); got != "compressed" {
+		t.Fatalf("a's tier after loading b: %q, want compressed\n%s", got, c.log())
+	}
+	if !strings.Contains(c.log(), "evicted") {
+		t.Errorf("no evicted line in the log:\n%s", c.log())
+	}
+	if _, stderr, code := c.run(t, "unload", "b"); code != 0 {
+		t.Fatalf("unload b: %s", stderr)
+	}
+	for rel, b := range want {
+		sameBytes(t, rel, mustRead(t, filepath.Join(c.mnt, "a@1", rel)), b)
+	}
+	if got := tier("a"); got != "host" {
+		t.Errorf("a's tier after reading it: %q, want host", got)
+	}
+}
