@@ -144,7 +144,11 @@ func (m *mount) handles(ctx context.Context, v *store.Version, f *store.File) ([
 		m.counters.handleDenials.Add(1)
 		return nil, syscall.EACCES
 	}
-	v.NoteHandleHolder(int(caller.Pid))
+	// Again, recording the holder at once: eviction may have freed the
+	// replicas since.
+	if manifest, ok = v.HandOut(int(caller.Pid), func() ([]byte, bool) { return m.manifest(f) }); !ok {
+		return nil, syscall.ENODATA
+	}
 	return manifest, 0
 }
 

@@ -370,20 +370,40 @@ func (f *File) decodeInto(ctx context.Context, c *codec.Codec, b *Buffer) error 
 	return nil
 }
 
-// reserveEvicting is reserve that, with Options.CompressIdle, when host memory is refused (the budget
-// or the system), moves idle versions to the compressed tier, least
-// recently used first, retrying after each, before it gives up with the
-// refusal. Nothing open or held is touched.
+// reserveEvicting is reserve that, with Options.CompressIdle, evicts
+// before it gives up with the refusal, least recently used first and
+// retrying after each: when GPU memory is refused (the budget, or a
+// device's free memory) it frees the GPU replicas of idle non-current
+// versions (evict.go); when host memory is refused (the budget or the
+// system) it moves idle versions to the compressed tier. Nothing open or
+// held is touched.
 func (s *Store) reserveEvicting(ctx context.Context, name, dir string, host, gpu int64) (func(), error) {
 	tried := map[*Version]bool{}
 	for {
 		release, err := s.reserve(name, dir, host, gpu)
-		var be *BudgetError
-		if err == nil || !s.compressIdle || !errors.As(err, &be) || be.Tier == TierGPU {
+		if !s.compressIdle {
 			return release, err
 		}
-		if !s.evictOne(ctx, tried, fmt.Sprintf("%s of host memory for %s (%s budget)", HumanBytes(host), name, be.Tier)) {
+		var be *BudgetError
+		switch {
+		case err == nil:
+			// Admitted by the budgets; the devices may still be short
+			// (other processes' memory): the caller's own check says so
+			// if nothing can be freed.
+			if !s.evictForGPU(name, gpu) {
+				return release, nil
+			}
+			release()
+		case !errors.As(err, &be):
 			return nil, err
+		case be.Tier == TierGPU:
+			if !s.evictGPUOne(fmt.Sprintf("%s of GPU memory for %s (GPU budget)", HumanBytes(gpu), name)) {
+				return nil, err
+			}
+		default:
+			if !s.evictOne(ctx, tried, fmt.Sprintf("%s of host memory for %s (%s budget)", HumanBytes(host), name, be.Tier)) {
+				return nil, err
+			}
 		}
 	}
 }
