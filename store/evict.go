@@ -3,6 +3,7 @@ package store
 import (
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"slices"
 	"time"
 )
@@ -131,4 +132,108 @@ func (s *Store) evictForGPU(name string, gpu int64) bool {
 		return false
 	}
 	return s.evictGPUOne(fmt.Sprintf("%s of GPU memory for %s (device memory)", HumanBytes(gpu), name))
+}
+
+// TierDropped names, in the "evicted" log's to, a version taken off the
+// mount to free its compressed streams.
+const TierDropped = "dropped"
+
+// reloadCommand says how a dropped v is got back ("weightfs load NAME
+// SOURCE"), or why v cannot be dropped: only a loaded version whose source
+// files are all still what was read (same inode, size, mtime, ctime) can
+// be re-loaded as it was. A pushed version is never dropped: its snapshot
+// (if any) is loaded at a start only when it is the model's newest.
+func (v *Version) reloadCommand() (string, error) {
+	if v.isPushed() || v.source == "" {
+		return "", fmt.Errorf("drop %s: it was pushed, it has no source to re-load it from", v.Name())
+	}
+	for _, f := range v.files {
+		if f.source == "" || !f.hasSrcID {
+			return "", fmt.Errorf("drop %s: %s has no recorded source identity", v.Name(), f.path)
+		}
+		now, err := statID(f.source)
+		if err != nil {
+			return "", fmt.Errorf("drop %s: its source cannot be checked: %w", v.Name(), err)
+		}
+		if d := f.srcID.diff(now); d != "" {
+			return "", fmt.Errorf("drop %s: its source %s changed since it was loaded: %s", v.Name(), f.source, d)
+		}
+	}
+	return fmt.Sprintf("weightfs load %s %s", v.model, v.source), nil
+}
+
+// dropOne takes off the mount the least recently used compressed version
+// that is not its model's current one, nobody uses and can be re-loaded
+// from its source; false when there is none.
+func (s *Store) dropOne(reason string) bool {
+	var cands []*Version
+	for _, m := range s.Models() {
+		cur := m.Current()
+		for _, v := range m.Versions() {
+			if v != cur && v.Tier() == TierCompressed {
+				cands = append(cands, v)
+			}
+		}
+	}
+	slices.SortStableFunc(cands, func(a, b *Version) int { return a.LastUsed().Compare(b.LastUsed()) })
+	for _, v := range cands {
+		reload, err := v.reloadCommand()
+		if err == nil {
+			err = s.drop(v, reason, reload)
+		}
+		if err != nil {
+			s.log.Info("eviction skipped a version", "version", v.Name(), "from", TierCompressed, "err", err)
+			continue
+		}
+		return true
+	}
+	return false
+}
+
+// drop unloads v if it is still compressed, not current and unused, all
+// checked under the locks an unload and an open take: nothing can open it
+// in between. Its streams are freed at once.
+func (s *Store) drop(v *Version, reason, reload string) error {
+	s.mu.Lock()
+	m := s.models[v.model]
+	if s.closed || m == nil {
+		s.mu.Unlock()
+		return errorf(ErrNotFound, "drop %s: it is unloaded", v.Name())
+	}
+	m.mu.Lock()
+	var err error
+	v.use.mu.Lock()
+	switch {
+	case !slices.Contains(m.versions, v) || v.use.draining || v.use.freed:
+		err = errorf(ErrNotFound, "drop %s: it is unloaded", v.Name())
+	case m.current == v:
+		err = errorf(ErrBusy, "drop %s: it is the current version", v.Name())
+	case !v.use.compressed || !v.idle():
+		err = errorf(ErrBusy, "drop %s: it is in use or no longer compressed", v.Name())
+	default:
+		v.use.draining = true
+	}
+	v.use.mu.Unlock()
+	if err != nil {
+		m.mu.Unlock()
+		s.mu.Unlock()
+		return err
+	}
+	m.versions = slices.DeleteFunc(slices.Clone(m.versions), func(x *Version) bool { return x == v })
+	m.mu.Unlock()
+	s.draining = append(s.draining, v)
+	_, onRemove := s.hooksLocked()
+	s.mu.Unlock()
+	freed := v.CompressedBytes()
+	s.saveState()
+	s.log.Info("evicted", "version", v.Name(), "from", TierCompressed, "to", TierDropped, "bytes_freed", freed,
+		"reason", "memory pressure: "+reason, "get_back", reload)
+	for _, h := range onRemove {
+		h(v)
+	}
+	s.reap(v)
+	// The streams were in the daemon's heap: give the pages back now, so
+	// that the system's free memory (checkSystemLocked) sees them.
+	debug.FreeOSMemory()
+	return nil
 }

@@ -1,12 +1,19 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/weightfs/weightfs/cuda/cudatest"
+	"github.com/weightfs/weightfs/store/safetensors"
 )
 
 // gpuEvictStore has model m at versions 1 and 2 (2 current), each with two
@@ -126,4 +133,116 @@ func TestGPUEvictionCurrentOnly(t *testing.T) {
 		t.Fatalf("load over the budget with only the current version: %v", err)
 	}
 	g.checkOnGPUs(t, v1)
+}
+
+// dropStore has a@1 and a@2 (current) of an incompressible folder (their
+// streams are as large as their images) in a store with CompressIdle whose
+// host budget holds two and a half; the log goes to logs.
+func dropStore(t *testing.T) (s *Store, logs *logBuffer, dirA string, a1, a2 *Version, dirB string) {
+	t.Helper()
+	dirA, dirB = writeRandomFolder(t, 21), writeRandomFolder(t, 22)
+	logs = &logBuffer{}
+	s = New(OpenMemfdArena(), Options{CompressIdle: true, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	t.Cleanup(func() { s.Close() })
+	cost := dirCost(t, s, dirA)
+	s.budgets.Host = 2*cost + cost/2
+	a1, a2 = load(t, s, "a", dirA), load(t, s, "a", dirA)
+	settle(t, a1)
+	settle(t, a2)
+	return s, logs, dirA, a1, a2, dirB
+}
+
+// TestEvictionDropsReloadable: when compressing every idle version is not
+// enough, the compressed non-current version whose source is unchanged
+// leaves the mount, logged with how to get it back; the current one stays.
+func TestEvictionDropsReloadable(t *testing.T) {
+	s, logs, dirA, a1, a2, dirB := dropStore(t)
+	want := snapshot(a2)
+	b := load(t, s, "b", dirB)
+	if got := s.Model("a").Version(1); got != nil {
+		t.Fatalf("a@1 is still listed (tier %s)", got.Tier())
+	}
+	if a1.State() != StateDraining || a1.HostBytes() != 0 {
+		t.Errorf("a@1: state %s, %d host bytes after the drop", a1.State(), a1.HostBytes())
+	}
+	if s.Model("a").Current() != a2 || a2.Tier() != TierCompressed {
+		t.Fatalf("a@2 must stay, compressed: current %v, tier %s", s.Model("a").Current().Name(), a2.Tier())
+	}
+	line := ""
+	for _, l := range strings.Split(logs.String(), "\n") {
+		if strings.Contains(l, "to=dropped") {
+			line = l
+		}
+	}
+	if !strings.Contains(line, "version=a@1") || !strings.Contains(line, "weightfs load a "+dirA) {
+		t.Errorf("drop log %q in:\n%s", line, logs)
+	}
+	// a@2 comes back byte for byte once there is room (b is a current
+	// version too: it is compressed, never dropped).
+	settle(t, b)
+	if _, err := s.Unload("b", 0); err != nil {
+		t.Fatal(err)
+	}
+	restoreAndCheck(t, a2, want)
+}
+
+// TestEvictionKeepsChangedSource: a version whose source changed since it
+// was loaded cannot be re-loaded as it was: it is not dropped and the load
+// is refused with the budget's message.
+func TestEvictionKeepsChangedSource(t *testing.T) {
+	s, _, dirA, a1, _, dirB := dropStore(t)
+	later := time.Now().Add(time.Hour)
+	if err := os.Chtimes(filepath.Join(dirA, "model.safetensors"), later, later); err != nil {
+		t.Fatal(err)
+	}
+	_, err := s.Load(context.Background(), "b", dirB, LoadOptions{})
+	var be *BudgetError
+	if !errors.As(err, &be) || be.Tier != TierHost {
+		t.Fatalf("load with nothing droppable: %v", err)
+	}
+	if s.Model("a").Version(1) != a1 || a1.State() != StateReady {
+		t.Fatal("a@1 with a changed source was dropped")
+	}
+}
+
+// writeRandomFolder writes a one-file model of 1 MiB of random bytes: its
+// compressed stream is as large as its image.
+func writeRandomFolder(t *testing.T, seed uint64) string {
+	t.Helper()
+	rng := rand.New(rand.NewPCG(seed, 9))
+	data := make([]byte, 1<<20)
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	var b bytes.Buffer
+	err := safetensors.Write(&b, []safetensors.Tensor{{Name: "w", DType: "U8", Shape: []int64{int64(len(data))}, Data: data}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	for name, data := range map[string][]byte{"model.safetensors": b.Bytes(), "config.json": []byte("{}")} {
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// TestDropNeverPushed: a compressed, idle, non-current pushed version is
+// not dropped, even with a snapshot on disk (one is loaded at a start only
+// when it is the model's newest).
+func TestDropNeverPushed(t *testing.T) {
+	s, _ := snapStore(t, t.TempDir(), 0)
+	p1 := pushSnapshotted(t, s, "p", 1)
+	pushSnapshotted(t, s, "p", 2)
+	settle(t, p1)
+	if _, err := s.Compress(context.Background(), "p", p1.Number()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p1.reloadCommand(); err == nil || !strings.Contains(err.Error(), "pushed") {
+		t.Errorf("reloadCommand of a pushed version: %v", err)
+	}
+	if s.dropOne("test") || s.Model("p").Version(p1.Number()) != p1 {
+		t.Fatal("a pushed version was dropped")
+	}
 }

@@ -375,8 +375,9 @@ func (f *File) decodeInto(ctx context.Context, c *codec.Codec, b *Buffer) error 
 // retrying after each: when GPU memory is refused (the budget, or a
 // device's free memory) it frees the GPU replicas of idle non-current
 // versions (evict.go); when host memory is refused (the budget or the
-// system) it moves idle versions to the compressed tier. Nothing open or
-// held is touched.
+// system) it moves idle versions to the compressed tier, then takes
+// compressed non-current versions that can be re-loaded from their
+// unchanged source off the mount. Nothing open or held is touched.
 func (s *Store) reserveEvicting(ctx context.Context, name, dir string, host, gpu int64) (func(), error) {
 	tried := map[*Version]bool{}
 	for {
@@ -401,7 +402,10 @@ func (s *Store) reserveEvicting(ctx context.Context, name, dir string, host, gpu
 				return nil, err
 			}
 		default:
-			if !s.evictOne(ctx, tried, fmt.Sprintf("%s of host memory for %s (%s budget)", HumanBytes(host), name, be.Tier)) {
+			// Compressing every idle version comes first; dropping
+			// compressed ones that can be re-loaded, second.
+			reason := fmt.Sprintf("%s of host memory for %s (%s budget)", HumanBytes(host), name, be.Tier)
+			if !s.evictOne(ctx, tried, reason) && !s.dropOne(reason) {
 				return nil, err
 			}
 		}
