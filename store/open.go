@@ -26,8 +26,7 @@ type Config struct {
 	// all. The flag's default is DefaultKeepVersions.
 	KeepVersions int
 	// CompressIdle is --compress-idle: a load, push or restore refused for
-	// host memory first compresses idle versions, least recently used
-	// first (Options.CompressIdle).
+	// memory first evicts what nobody uses (Options.CompressIdle).
 	CompressIdle bool
 	// StateDir is --state-dir: where host images and the manifest outlive a
 	// killed daemon ("": nowhere, images die with the daemon).

@@ -109,9 +109,12 @@ type Options struct {
 	// version is written to (snapshot.go) and LoadSnapshots reads. The
 	// store owns it from now on; Close closes it (and deletes nothing).
 	Snapshots *SnapshotDir
-	// CompressIdle lets a load, push or restore refused for host memory
-	// move idle versions to the compressed tier, least recently used
-	// first, before it gives up (tier.go). Off: refused as before.
+	// CompressIdle lets a load, push or restore refused for memory evict
+	// before it gives up, least recently used first: GPU replicas of idle
+	// non-current versions for GPU memory; for host memory, idle versions
+	// to the compressed tier, then compressed non-current versions that
+	// can be re-loaded off the mount (tier.go, evict.go). Off: refused as
+	// before.
 	CompressIdle bool
 }
 

@@ -55,7 +55,7 @@ Sizes: bytes, Ki/Mi/Gi/Ti (or KiB…TiB, K…T: binary), KB…TB (decimal), or a
 	fl.StringVar(&f.store.MemoryReserve, "memory-reserve", "", "host memory a load leaves free below the machine's and the memory cgroup's limits: a size or a percentage of each; default: the larger of 1Gi and 5%")
 	fl.StringVar(&f.store.GPUMemory, "gpu-memory", "", "GPU memory budget on each --gpu: a size or a percentage of the GPU's memory")
 	fl.IntVar(&f.store.KeepVersions, "keep-versions", store.DefaultKeepVersions, "versions of each model kept when one is committed, the current one always among them; older ones are unloaded (0: keep all)")
-	fl.BoolVar(&f.store.CompressIdle, "compress-idle", false, "when host memory runs short for a load, push or restore, compress versions nobody has open (least recently used first) instead of refusing; their first open restores them")
+	fl.BoolVar(&f.store.CompressIdle, "compress-idle", false, "when memory runs short for a load, push or restore, evict what nobody uses (least recently used first) instead of refusing: GPU copies of non-current versions, then compress versions in RAM (their first open restores them), then unload compressed old versions that can be loaded again unchanged from their folder")
 	fl.StringVar(&f.store.StateDir, "state-dir", store.DefaultStateDir, "keep host images and their manifest here, so that a restarted daemon adopts them instead of re-reading sources (\"\": off)")
 	fl.BoolVar(&f.store.Fresh, "fresh", false, "delete what an earlier daemon left in --state-dir instead of adopting it")
 	fl.StringVar(&f.store.SnapshotDir, "snapshot-dir", "", "write committed pushed versions here, compressed, and load the newest of each model at start, so that they outlive a reboot (\"\": off)")
