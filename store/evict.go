@@ -74,6 +74,7 @@ func (s *Store) evictGPUOne(reason string) bool {
 		if freed == 0 {
 			continue
 		}
+		s.moveGPU.Add(1)
 		s.log.Info("evicted", "version", v.Name(), "from", TierGPUReplica, "to", TierHost,
 			"bytes_freed", freed, "reason", "memory pressure: "+reason)
 		return true
@@ -226,6 +227,7 @@ func (s *Store) drop(v *Version, reason, reload string) error {
 	s.mu.Unlock()
 	freed := v.CompressedBytes()
 	s.saveState()
+	s.moveDrop.Add(1)
 	s.log.Info("evicted", "version", v.Name(), "from", TierCompressed, "to", TierDropped, "bytes_freed", freed,
 		"reason", "memory pressure: "+reason, "get_back", reload)
 	for _, h := range onRemove {

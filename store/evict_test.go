@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"log/slog"
 	"math/rand/v2"
 	"os"
@@ -69,6 +70,17 @@ func TestGPUEvictionForBudget(t *testing.T) {
 	g.checkOnGPUs(t, v4)
 	g.checkEvictedFromGPU(t, v2)
 	g.checkOnGPUs(t, v3)
+	want := `
+# HELP weightfs_tier_moves_total Versions moved between memory tiers (from, to), by eviction or restore.
+# TYPE weightfs_tier_moves_total counter
+weightfs_tier_moves_total{from="compressed",to="dropped"} 0
+weightfs_tier_moves_total{from="compressed",to="host"} 0
+weightfs_tier_moves_total{from="gpu",to="host"} 2
+weightfs_tier_moves_total{from="host",to="compressed"} 0
+`
+	if err := testutil.CollectAndCompare(g.Collector(), strings.NewReader(want), "weightfs_tier_moves_total"); err != nil {
+		t.Error(err)
+	}
 }
 
 // TestGPUEvictionForDeviceMemory: with no budget, a device whose free

@@ -29,7 +29,7 @@ func (s *Store) Collector() prometheus.Collector {
 		snapshotBytes: prometheus.NewDesc("weightfs_snapshot_written_bytes_total",
 			"Bytes written to --snapshot-dir by snapshots; only with --snapshot-dir.", nil, nil),
 		tierMoves: prometheus.NewDesc("weightfs_tier_moves_total",
-			"Versions moved between host memory tiers (host, compressed).", []string{"from", "to"}, nil),
+			"Versions moved between memory tiers (from, to), by eviction or restore.", []string{"from", "to"}, nil),
 	}
 }
 
@@ -73,6 +73,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	if c.s.compressIdle || c.s.moveCompress.Load() > 0 {
 		ch <- prometheus.MustNewConstMetric(c.tierMoves, prometheus.CounterValue, float64(c.s.moveCompress.Load()), TierHost, TierCompressed)
 		ch <- prometheus.MustNewConstMetric(c.tierMoves, prometheus.CounterValue, float64(c.s.moveRestore.Load()), TierCompressed, TierHost)
+		ch <- prometheus.MustNewConstMetric(c.tierMoves, prometheus.CounterValue, float64(c.s.moveGPU.Load()), TierGPUReplica, TierHost)
+		ch <- prometheus.MustNewConstMetric(c.tierMoves, prometheus.CounterValue, float64(c.s.moveDrop.Load()), TierCompressed, TierDropped)
 	}
 	if c.s.snap != nil {
 		counter := func(d *prometheus.Desc, v int64, labels ...string) {

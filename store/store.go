@@ -70,6 +70,9 @@ type Store struct {
 	// them. moveCompress and moveRestore count those done, for metrics.
 	moves                     sync.WaitGroup
 	moveCompress, moveRestore atomic.Int64
+	// moveGPU and moveDrop count GPU replicas freed and compressed versions
+	// dropped by eviction (store/evict.go).
+	moveGPU, moveDrop atomic.Int64
 	compressIdle              bool
 }
 
