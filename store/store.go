@@ -73,7 +73,7 @@ type Store struct {
 	// moveGPU and moveDrop count GPU replicas freed and compressed versions
 	// dropped by eviction (store/evict.go).
 	moveGPU, moveDrop atomic.Int64
-	compressIdle              bool
+	compressIdle      bool
 }
 
 // ReservedInos are inode numbers the store never hands out: 1 is the mount's
