@@ -121,13 +121,7 @@ func checkPrivateFor(flag string, fd int, name string) error {
 	if err := unix.Fstat(fd, &st); err != nil {
 		return fmt.Errorf("%s %s: %w", flag, name, err)
 	}
-	if uid := int(st.Uid); uid != 0 && uid != os.Geteuid() {
-		return errorf(ErrInvalid, "%s %s belongs to uid %d: it must belong to root or to uid %d, the daemon's", flag, name, uid, os.Geteuid())
-	}
-	if st.Mode&0o022 != 0 {
-		return errorf(ErrInvalid, "%s %s is mode %04o: others can write to it (it must be writable by its owner only)", flag, name, st.Mode&0o7777)
-	}
-	return nil
+	return CheckPrivateFolder(flag+" "+name, st.Uid, st.Mode)
 }
 
 // openDirBeneath opens the directory name inside dirFD without following a

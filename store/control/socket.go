@@ -22,6 +22,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/weightfs/weightfs/store"
 )
 
 // DefaultSocket is where the daemon listens unless told otherwise:
@@ -169,13 +171,7 @@ func checkFolder(dir string) error {
 	if !fi.IsDir() || !ok {
 		return fmt.Errorf("%s is not a folder", dir)
 	}
-	if uid := int(st.Uid); uid != 0 && uid != os.Geteuid() {
-		return fmt.Errorf("folder %s belongs to uid %d: the socket's folder must belong to root or to uid %d, the daemon's", dir, uid, os.Geteuid())
-	}
-	if st.Mode&0o022 != 0 {
-		return fmt.Errorf("folder %s is mode %04o: others can write to it (the socket's folder must be writable by its owner only)", dir, st.Mode&0o7777)
-	}
-	return nil
+	return store.CheckPrivateFolder("folder "+dir, st.Uid, st.Mode)
 }
 
 // allowUIDs: root, the daemon's effective uid and extra.
