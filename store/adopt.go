@@ -97,39 +97,66 @@ func (s *Store) adoptVersion(ctx context.Context, model string, mv manifestVersi
 	if mv.Number <= 0 {
 		return nil, fmt.Errorf("version number %d in the manifest", mv.Number)
 	}
-	dirs := map[string]attrs{}
-	for _, d := range mv.Dirs {
-		dirs[d.Path] = d.manifestAttrs.attrs(0o555)
-	}
 	v := &Version{source: mv.Source, number: mv.Number, loadedAt: mv.LoadedAt,
 		loadTime: time.Duration(mv.LoadSeconds * float64(time.Second))}
-	v.root = &Dir{ino: s.newIno(), attrs: dirAttrsOr(dirs, ".")}
+	seen := map[string]bool{}
+	err = s.listedVersion(ctx, v, mv.Dirs, len(mv.Files), func(i int) (*File, error) {
+		if err := checkManifestFile(mv.Files[i], seen); err != nil {
+			return nil, err
+		}
+		return s.adoptFile(mv.Files[i])
+	})
+	if err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+// listedVersion fills v with the n files a listing records (the state
+// manifest's, a snapshot's version.json), made by file(i), and the folders
+// dirs records: the files sorted, their tree built, the weights files
+// replicated to the GPUs from their host images. On an error v is freed.
+func (s *Store) listedVersion(ctx context.Context, v *Version, dirs []manifestDir, n int, file func(i int) (*File, error)) (err error) {
+	attrsOf := map[string]attrs{}
+	for _, d := range dirs {
+		attrsOf[d.Path] = d.manifestAttrs.attrs(0o555)
+	}
+	v.root = &Dir{ino: s.newIno(), attrs: dirAttrsOr(attrsOf, ".")}
 	defer func() {
 		if err != nil {
 			v.free()
 		}
 	}()
-	seen := map[string]bool{}
-	for _, mf := range mv.Files {
+	for i := range n {
 		if err := ctx.Err(); err != nil {
-			return nil, err
+			return err
 		}
-		if err := checkManifestFile(mf, seen); err != nil {
-			return nil, err
-		}
-		f, err := s.adoptFile(mf)
+		f, err := file(i)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		v.files = append(v.files, f)
 		v.bytes += f.Size()
 	}
 	sort.Slice(v.files, func(i, j int) bool { return v.files[i].path < v.files[j].path })
-	s.fileTree(v.root, v.files, func(rel string) attrs { return dirAttrsOr(dirs, rel) })
+	s.fileTree(v.root, v.files, func(rel string) attrs { return dirAttrsOr(attrsOf, rel) })
 	if gpus := s.gpus.List(); len(gpus) > 0 {
 		v.gpuErr = s.adoptReplicas(v)
 	}
-	return v, nil
+	return nil
+}
+
+// checkListedPath refuses a listed file (where names the listing) whose
+// path is not clean and relative or that is listed twice.
+func checkListedPath(where, p string, seen map[string]bool) error {
+	switch {
+	case p == "" || path.IsAbs(p) || path.Clean(p) != p || strings.HasPrefix(p, "../") || p == "..":
+		return fmt.Errorf("file path %q in %s is not a clean relative path", p, where)
+	case seen[p]:
+		return fmt.Errorf("file %s is listed twice in %s", p, where)
+	}
+	seen[p] = true
+	return nil
 }
 
 func dirAttrsOr(dirs map[string]attrs, rel string) attrs {
@@ -141,11 +168,10 @@ func dirAttrsOr(dirs map[string]attrs, rel string) attrs {
 
 // checkManifestFile refuses a file entry that cannot be one of a version.
 func checkManifestFile(mf manifestFile, seen map[string]bool) error {
+	if err := checkListedPath("the manifest", mf.Path, seen); err != nil {
+		return err
+	}
 	switch {
-	case mf.Path == "" || path.IsAbs(mf.Path) || path.Clean(mf.Path) != mf.Path || strings.HasPrefix(mf.Path, "../") || mf.Path == "..":
-		return fmt.Errorf("file path %q in the manifest is not a clean relative path", mf.Path)
-	case seen[mf.Path]:
-		return fmt.Errorf("file %s is listed twice in the manifest", mf.Path)
 	case mf.Image == "" || strings.ContainsAny(mf.Image, "/\x00") || mf.Image == "." || mf.Image == "..":
 		return fmt.Errorf("file %s: image name %q in the manifest is not a plain file name", mf.Path, mf.Image)
 	case mf.Size < 0:
@@ -153,7 +179,6 @@ func checkManifestFile(mf manifestFile, seen map[string]bool) error {
 	case mf.Kind != Plain.String() && mf.Kind != Weights.String():
 		return fmt.Errorf("file %s: kind %q in the manifest", mf.Path, mf.Kind)
 	}
-	seen[mf.Path] = true
 	return nil
 }
 

@@ -148,49 +148,28 @@ func (s *Store) loadSnapshot(ctx context.Context, modelFD int, name string, n in
 	case sv.Model != name || sv.Number != n:
 		return nil, fmt.Errorf("%s names %s@%d, not %s@%d", filepath.Join(dir, snapshotManifest), sv.Model, sv.Number, name, n)
 	}
-	dirs := map[string]attrs{}
-	for _, d := range sv.Dirs {
-		dirs[d.Path] = d.manifestAttrs.attrs(0o555)
-	}
 	v := &Version{source: sv.Source, number: n, loadedAt: sv.LoadedAt}
-	v.root = &Dir{ino: s.newIno(), attrs: dirAttrsOr(dirs, ".")}
-	defer func() {
-		if err != nil {
-			v.free()
-		}
-	}()
 	c := codec.New(codec.Options{NoZstd: true})
 	defer c.Close()
 	seen := map[string]bool{}
 	start := time.Now()
-	for _, sf := range sv.Files {
-		if err := ctx.Err(); err != nil {
-			return nil, err
-		}
-		f, err := s.loadSnapshotFile(ctx, c, fd, dir, sf, seen)
-		if err != nil {
-			return nil, err
-		}
-		v.files = append(v.files, f)
-		v.bytes += f.Size()
+	err = s.listedVersion(ctx, v, sv.Dirs, len(sv.Files), func(i int) (*File, error) {
+		return s.loadSnapshotFile(ctx, c, fd, dir, sv.Files[i], seen)
+	})
+	if err != nil {
+		return nil, err
 	}
-	v.loadTime = time.Since(start)
-	sort.Slice(v.files, func(i, j int) bool { return v.files[i].path < v.files[j].path })
-	s.fileTree(v.root, v.files, func(rel string) attrs { return dirAttrsOr(dirs, rel) })
-	if gpus := s.gpus.List(); len(gpus) > 0 {
-		v.gpuErr = s.adoptReplicas(v)
-	}
+	v.loadTime = time.Since(start) // as a load's: the GPU copies included
 	return v, nil
 }
 
 // loadSnapshotFile decodes one file of a snapshot into a new host image and
 // checks it.
 func (s *Store) loadSnapshotFile(ctx context.Context, c *codec.Codec, dirFD int, dir string, sf snapshotFile, seen map[string]bool) (*File, error) {
+	if err := checkListedPath(snapshotManifest, sf.Path, seen); err != nil {
+		return nil, err
+	}
 	switch {
-	case sf.Path == "" || path.IsAbs(sf.Path) || path.Clean(sf.Path) != sf.Path || strings.HasPrefix(sf.Path, "../") || sf.Path == "..":
-		return nil, fmt.Errorf("file path %q in %s is not a clean relative path", sf.Path, snapshotManifest)
-	case seen[sf.Path]:
-		return nil, fmt.Errorf("file %s is listed twice in %s", sf.Path, snapshotManifest)
 	case sf.Data == "" || strings.ContainsAny(sf.Data, "/\x00") || strings.HasPrefix(sf.Data, "."):
 		return nil, fmt.Errorf("file %s: data file name %q in %s is not a plain file name", sf.Path, sf.Data, snapshotManifest)
 	case sf.Size < 0 || sf.EncodedSize < 0:
@@ -200,7 +179,6 @@ func (s *Store) loadSnapshotFile(ctx context.Context, c *codec.Codec, dirFD int,
 	case sf.Encoding != encodingRaw && sf.Encoding != encodingCodec:
 		return nil, fmt.Errorf("file %s: encoding %q in %s", sf.Path, sf.Encoding, snapshotManifest)
 	}
-	seen[sf.Path] = true
 	want, err := strconv.ParseUint(sf.XXH3, 16, 64)
 	if err != nil {
 		return nil, fmt.Errorf("file %s: checksum %q in %s: %w", sf.Path, sf.XXH3, snapshotManifest, err)
