@@ -240,12 +240,7 @@ func (f *File) freeGPU() error {
 		}
 	}
 	f.replicas = nil
-	if f.pinned != nil {
-		if err := f.pinned.UnregisterHost(f.Bytes()); err != nil {
-			errs = append(errs, fmt.Errorf("unpin %s: %w", f.path, err))
-		}
-		f.pinned = nil
-	}
+	errs = append(errs, f.unpinLocked())
 	return errors.Join(errs...)
 }
 

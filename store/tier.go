@@ -232,10 +232,15 @@ func (s *Store) compressFiles(ctx context.Context, v *Version) (freed, packed in
 func (f *File) unpin() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	return f.unpinLocked()
+}
+
+// unpinLocked unregisters the host image if it is pinned; f.mu is held.
+func (f *File) unpinLocked() error {
 	if f.pinned == nil {
 		return nil
 	}
-	err := f.pinned.UnregisterHost(f.buf.Bytes())
+	err := f.pinned.UnregisterHost(f.Bytes())
 	f.pinned = nil
 	if err != nil {
 		return fmt.Errorf("unpin %s: %w", f.path, err)
