@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -233,80 +234,59 @@ func TestPushThroughScratch(t *testing.T) {
 	checkVersion(t, h.st, "m", 2, data2)
 }
 
+// TestPushWrittenOnGPU: tensors written into the staged slab on a GPU
+// (one through the scratch), then committed. The writer is recorded as a
+// holder of the version, unless its commit says it closed its mappings
+// (released): then the version can be freed while it lives.
 func TestPushWrittenOnGPU(t *testing.T) {
-	h := newPushHarness(t, 2, ListenOptions{}, nil, nil)
-	p := h.push(t)
-	s := p.Staged()
-	if len(s.Files) != 1 || len(s.Files[0].Replicas) != 2 {
-		t.Fatalf("staged files %+v", s.Files)
-	}
-	rep := s.Files[0].Replicas[0]
-	alloc, ok := h.fake.HandleAllocation(cuda.IPCHandle(rep.Handle))
-	if !ok {
-		t.Fatalf("the handle of GPU %s is no allocation", rep.GPU)
-	}
-	data := tensorData(s, 3)
-	var onGPU []string
-	for i, x := range s.Tensors {
-		if i == 0 {
-			if err := p.WriteHost(x.Name, data[x.Name]); err != nil {
+	for _, released := range []bool{false, true} {
+		t.Run(fmt.Sprintf("released=%v", released), func(t *testing.T) {
+			h := newPushHarness(t, 2, ListenOptions{}, nil, nil)
+			p := h.push(t)
+			s := p.Staged()
+			if len(s.Files) != 1 || len(s.Files[0].Replicas) != 2 {
+				t.Fatalf("staged files %+v", s.Files)
+			}
+			rep := s.Files[0].Replicas[0]
+			alloc, ok := h.fake.HandleAllocation(cuda.IPCHandle(rep.Handle))
+			if !ok {
+				t.Fatalf("the handle of GPU %s is no allocation", rep.GPU)
+			}
+			data := tensorData(s, 3)
+			var onGPU []string
+			for i, x := range s.Tensors {
+				if i == 0 {
+					if err := p.WriteHost(x.Name, data[x.Name]); err != nil {
+						t.Fatal(err)
+					}
+					continue
+				}
+				if err := h.fake.Write(alloc.Ptr+cuda.DevicePtr(x.SlabOffset), data[x.Name]); err != nil {
+					t.Fatal(err)
+				}
+				onGPU = append(onGPU, x.Name)
+			}
+			if err := p.Written(rep.GPU, onGPU...); err != nil {
 				t.Fatal(err)
 			}
-			continue
-		}
-		if err := h.fake.Write(alloc.Ptr+cuda.DevicePtr(x.SlabOffset), data[x.Name]); err != nil {
-			t.Fatal(err)
-		}
-		onGPU = append(onGPU, x.Name)
+			commit, want := p.Commit, []int{os.Getpid()}
+			if released {
+				commit, want = p.CommitReleased, nil
+			}
+			v, err := commit()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(v.HandleHolders, want) {
+				t.Errorf("handle holders %v, want %v", v.HandleHolders, want)
+			}
+			<-h.ended
+			checkVersion(t, h.st, "m", 1, data) // the host image has the GPU-written tensors too
+			if _, err := h.st.Unload("m", 0); err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
-	if err := p.Written(rep.GPU, onGPU...); err != nil {
-		t.Fatal(err)
-	}
-	v, err := p.Commit()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(v.HandleHolders) != 1 || v.HandleHolders[0] != os.Getpid() {
-		t.Errorf("handle holders %v, want the writer %d", v.HandleHolders, os.Getpid())
-	}
-	<-h.ended
-	checkVersion(t, h.st, "m", 1, data) // the host image has the GPU-written tensors too
-	if _, err := h.st.Unload("m", 0); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// A writer that closed its mappings says so with the commit and is not
-// recorded as a holder: the version can be freed while it lives.
-func TestPushCommitReleased(t *testing.T) {
-	h := newPushHarness(t, 1, ListenOptions{}, nil, nil)
-	p := h.push(t)
-	s := p.Staged()
-	rep := s.Files[0].Replicas[0]
-	alloc, ok := h.fake.HandleAllocation(cuda.IPCHandle(rep.Handle))
-	if !ok {
-		t.Fatalf("the handle of GPU %s is no allocation", rep.GPU)
-	}
-	data := tensorData(s, 5)
-	var names []string
-	for _, x := range s.Tensors {
-		if err := h.fake.Write(alloc.Ptr+cuda.DevicePtr(x.SlabOffset), data[x.Name]); err != nil {
-			t.Fatal(err)
-		}
-		names = append(names, x.Name)
-	}
-	if err := p.Written(rep.GPU, names...); err != nil {
-		t.Fatal(err)
-	}
-	v, err := p.CommitReleased()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(v.HandleHolders) != 0 {
-		t.Errorf("handle holders %v after a released commit, want none", v.HandleHolders)
-	}
-	<-h.ended
-	checkVersion(t, h.st, "m", 1, data)
 }
 
 func TestPushRefusals(t *testing.T) {
