@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .errors import DaemonError, DaemonUnreachableError, WeightfsError
-from .manifest import DTYPE_BITS, TORCH_DTYPE_NAMES, normalize_gpu_uuid, read_header
+from .manifest import DTYPE_BITS, TORCH_DTYPE_NAMES, _byte_size, normalize_gpu_uuid, read_header
 
 __all__ = ["push", "Push", "PushError", "default_socket", "UPGRADE_PROTOCOL"]
 
@@ -242,19 +242,15 @@ class _Entry:
 
 
 def _nbytes(name: str, dtype: str, shape: Shape) -> int:
+    """The byte size of a manifest entry, by the header parser's rule (``_byte_size``); a bad
+    entry is a ValueError naming the tensor."""
     if dtype not in DTYPE_BITS:
         raise ValueError(f"tensor {name!r}: unknown safetensors dtype {dtype!r} (want one of "
                          f"{', '.join(DTYPE_BITS)})")
-    n = 1
     for d in shape:
         if not isinstance(d, int) or isinstance(d, bool) or d < 0:
             raise ValueError(f"tensor {name!r}: shape {list(shape)} must hold integers >= 0")
-        n *= d
-    bits = n * DTYPE_BITS[dtype]
-    if bits % 8:
-        raise ValueError(f"tensor {name!r}: {n} elements of {dtype} are {bits} bits, not whole "
-                         "bytes")
-    return bits // 8
+    return _byte_size(dtype, tuple(shape), lambda _cls, msg: ValueError(msg), name)
 
 
 def _is_tensor(x: Any) -> bool:
