@@ -26,7 +26,12 @@ weightfs binary given by --bin, then checks:
   second push of the name meanwhile is refused as busy); rollback gives the old logits back; a
   torch-free push reads back through the mount with safetensors.safe_open; (push-f) a long-lived
   engine switching every step (copy=True and copy=False) holds only the version it runs on, and
-  every dropped version is freed while it lives.
+  every dropped version is freed while it lives;
+  (safe-open-a) issue 11: a sharded awkward model (unaligned offsets, zero-size, scalar, BOOL,
+  FP8, 1300 tensors) on the mount: every tensor and a set of slices from weightfs.safe_open
+  (device None, 0, "cuda:0"; copy=True; "cpu") equal safetensors.safe_open's of the source, and
+  the zero-copy ones lie inside the daemon's slabs; (safe-open-b) transformers' from_pretrained
+  with its safe_open swapped for weightfs.safe_open answers with the same logits.
 Prints one line per check and "N passed, N failed" last; exits non-zero on any failure.
 """
 import argparse
@@ -42,6 +47,7 @@ import sys
 import tempfile
 import time
 import traceback
+from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
@@ -51,6 +57,9 @@ import weightfs  # noqa: E402
 
 sys.path.insert(0, HERE)
 import push_roles  # noqa: E402  (torch-free helpers; its roles run as their own processes)
+
+sys.path.insert(0, os.path.join(HERE, "..", "python", "tests"))
+import test_safe_open_torch as sot  # noqa: E402  (the awkward file, slices, bitwise compare)
 
 ROLES = os.path.join(HERE, "push_roles.py")
 PYPKG = os.path.join(HERE, "..", "python")
@@ -100,6 +109,74 @@ def write_odd(folder):
     with open(os.path.join(folder, "config.json"), "w") as f:
         f.write("{}")
     return {"a": a, "b": b, "c": c}
+
+
+AWKWARD_SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+def write_awkward(folder):
+    """Two shards of awkward tensors (test_safe_open_torch.awkward) and their index."""
+    os.makedirs(folder, exist_ok=True)
+    weight_map = {}
+    for shard, prefix, many in zip(AWKWARD_SHARDS, ("model.a.", "model.b."), (300, 1000)):
+        with open(os.path.join(folder, shard), "wb") as f:
+            f.write(sot.awkward(prefix, many))
+        with weightfs.safe_open(os.path.join(folder, shard), "pt") as f:
+            weight_map.update({k: shard for k in f.keys()})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        f.write("{}")
+
+
+def compare_safe_open(path, ref_path, kwargs, zero_copy):
+    """Every tensor and slice of ``path`` by weightfs.safe_open(**kwargs) equals the reference
+    library's of ``ref_path`` (dtype, shape, bits); tensors lie inside the path's slabs iff
+    ``zero_copy``. Returns (tensors, slices) compared."""
+    from safetensors import safe_open as ref
+
+    dev = kwargs.get("device")
+    ref_dev = "cpu" if dev == "cpu" else "cuda:0"
+    ranges = weightfs.gpu_pointer_ranges(path)
+
+    def inside(t):
+        return any(b <= t.data_ptr() < b + n for _, b, n in ranges)
+
+    def same(got, want, what):
+        if got.dtype != want.dtype or tuple(got.shape) != tuple(want.shape):
+            raise AssertionError(f"{what}: {got.dtype} {tuple(got.shape)}, reference {want.dtype} {tuple(want.shape)}")
+        if got.device != want.device:
+            raise AssertionError(f"{what}: on {got.device}, reference on {want.device}")
+        if not torch.equal(sot._bits(got), sot._bits(want)):
+            raise AssertionError(f"{what}: values differ")
+
+    tensors = slices = 0
+    with weightfs.safe_open(path, "pt", **kwargs) as f, ref(ref_path, framework="pt", device=ref_dev) as r:
+        where = f"{os.path.basename(path)} {kwargs}"
+        if f.zero_copy != zero_copy:
+            raise AssertionError(f"{where}: zero_copy {f.zero_copy}, want {zero_copy}")
+        if (f.keys(), f.offset_keys(), f.metadata()) != (list(r.keys()), list(r.offset_keys()), r.metadata()):
+            raise AssertionError(f"{where}: keys, offset_keys or metadata differ from the reference's")
+        for name in r.keys():
+            got = f.get_tensor(name)
+            same(got, r.get_tensor(name), f"{where} {name}")
+            if got.numel() and inside(got) != zero_copy:
+                raise AssertionError(f"{where} {name}: inside the slabs {inside(got)}, want {zero_copy}")
+            gs, rs = f.get_slice(name), r.get_slice(name)
+            if (gs.get_shape(), gs.get_dtype()) != (list(rs.get_shape()), rs.get_dtype()):
+                raise AssertionError(f"{where} {name}: slice shape/dtype differ")
+            tensors += 1
+            for idx in sot._indexes(gs.get_shape()):
+                try:
+                    w = rs[idx]
+                except Exception:  # noqa: BLE001 - an index this reference version refuses
+                    continue
+                g = gs[idx]
+                same(g, w, f"{where} {name}{idx}")
+                if zero_copy and g.numel() and not inside(g):
+                    raise AssertionError(f"{where} {name}{idx}: a zero-copy slice outside the slabs")
+                slices += 1
+    return tensors, slices
 
 
 def wait_resident(path, timeout=120):
@@ -386,14 +463,15 @@ def main():
     check("(pushed) layouts planned for pushed versions open with the reference library", check_pushed)
     work = tempfile.mkdtemp(prefix="weightfs-gpu-test-")
     os.chmod(work, 0o755)  # (e) runs as uid 65534: the refusal must come from weightfs, not from here
-    src, src2, odd, mnt = (os.path.join(work, d) for d in ("src", "src2", "odd", "mnt"))
+    src, src2, odd, awk, mnt = (os.path.join(work, d) for d in ("src", "src2", "odd", "awkward", "mnt"))
     os.makedirs(mnt)
     cfg = make_model(src)
     make_model(src2, seed=1)  # (i): same config, other weights
     odd_want = write_odd(odd)
+    write_awkward(awk)
     # The mount carries each source's owner and read bits over (docs/ARCHITECTURE.md): whatever
     # the umask here, let every user read the sources, so that (e) tests weightfs's handle check.
-    for top in (src, src2, odd):
+    for top in (src, src2, odd, awk):
         for dirpath, _, files in os.walk(top):
             os.chmod(dirpath, 0o755)
             for f in files:
@@ -410,12 +488,15 @@ def main():
         return json.loads(out.stdout)
 
     daemon = subprocess.Popen([args.bin, "mount", mnt, "--model", f"tiny={src}", "--model", f"odd={odd}",
+                               "--model", f"awkward={awk}",
                                "--gpu", "0", "--socket", sock], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     try:
         for s in shards:
             wait_resident(os.path.join(mnt, "tiny", s))
         wait_resident(os.path.join(mnt, "odd", "model.safetensors"))
+        for s in AWKWARD_SHARDS:
+            wait_resident(os.path.join(mnt, "awkward", s))
         mounted = os.path.join(mnt, "tiny")
         ids = torch.randint(0, cfg.vocab_size, (2, 17), device="cuda")
         from transformers import AutoModelForCausalLM
@@ -435,7 +516,7 @@ def main():
         def b():
             with torch.device("meta"):
                 m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-            m = weightfs.load_model(m, mounted).eval()
+            m = weightfs.load_model_folder(m, mounted).eval()
             got = logits(m, ids)
             if not torch.equal(got, ref):
                 raise AssertionError(f"max diff {(got - ref).abs().max()}")
@@ -448,7 +529,7 @@ def main():
             if outside:
                 raise AssertionError(f"{len(outside)} parameters outside the daemon's slabs, e.g. {outside[:3]}")
             return f"logits equal; {sum(1 for _ in m.parameters())} parameters inside {len(ranges)} slabs"
-        check("(b) zero-copy load_model: same logits, pointers inside the slabs", b)
+        check("(b) zero-copy load_model_folder: same logits, pointers inside the slabs", b)
 
         def c():
             from safetensors import safe_open
@@ -463,6 +544,44 @@ def main():
                         n += 1
             return f"{n} tensors equal"
         check("(c) safetensors.safe_open on the mount == source", c)
+
+        def safe_open_a():
+            import safetensors
+
+            tensors = slices = 0
+            cases = (({"device": None}, True), ({"device": 0}, True), ({"device": "cuda:0"}, True),
+                     ({"device": "cuda:0", "copy": True}, False), ({"device": "cpu"}, False))
+            for shard in AWKWARD_SHARDS:
+                for kwargs, zero in cases:
+                    t, n = compare_safe_open(os.path.join(mnt, "awkward", shard), os.path.join(awk, shard), kwargs, zero)
+                    tensors, slices = tensors + t, slices + n
+            return (f"{tensors} tensors and {slices} slices equal safetensors {safetensors.__version__}'s "
+                    f"over {len(AWKWARD_SHARDS)} shards x {len(cases)} device/copy cases; zero-copy ones inside the slabs")
+        check("(safe-open-a) weightfs.safe_open == safetensors.safe_open on an awkward sharded model", safe_open_a)
+
+        def safe_open_b():
+            from safetensors import safe_open as st_open
+            from transformers import modeling_utils
+
+            devices = []
+
+            def swapped(*a, **kw):
+                devices.append(kw.get("device", a[2] if len(a) > 2 else "cpu"))
+                return weightfs.safe_open(*a, **kw)
+            with mock.patch.object(modeling_utils, "safe_open", swapped):
+                m = AutoModelForCausalLM.from_pretrained(mounted, dtype=torch.bfloat16, device_map="cuda:0").eval()
+            if not devices:
+                raise AssertionError("transformers did not call modeling_utils.safe_open")
+            got = logits(m, ids)
+            if not torch.equal(got, ref):
+                raise AssertionError(f"max diff {(got - ref).abs().max()}")
+            ranges = [r for s in shards for r in weightfs.gpu_pointer_ranges(os.path.join(mounted, s))]
+            params = list(m.parameters())
+            inside = sum(1 for p in params if any(b <= p.data_ptr() < b + n for _, b, n in ranges))
+            return (f"logits equal; transformers opened {len(devices)} files with device {sorted(set(map(str, devices)))}; "
+                    f"{inside}/{len(params)} parameters inside the slabs; the reference's signature "
+                    f"{getattr(st_open, '__text_signature__', None) or '(not exposed)'}")
+        check("(safe-open-b) transformers with its safe_open swapped for weightfs': same logits", safe_open_b)
 
         def d():
             path = os.path.join(mounted, shards[0])
@@ -553,7 +672,7 @@ def main():
             def engine(path, copy):
                 with torch.device("meta"):
                     m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-                return weightfs.load_model(m, path, copy=copy).eval()
+                return weightfs.load_model_folder(m, path, copy=copy).eval()
 
             def ptrs(m):
                 return {n: t.data_ptr() for n, t in list(m.named_parameters()) + list(m.named_buffers())}

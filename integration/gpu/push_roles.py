@@ -127,7 +127,7 @@ def role_half_writer(a):
 class Engine:
     """An inference engine's process, driven line by line. Commands (JSON on stdin):
 
-    {"op": "load", "path": P}              build from config (meta) and load_model(copy=True)
+    {"op": "load", "path": P}              build from config (meta) and load_model_folder(copy=True)
     {"op": "logits", "out": F}             torch.save(logits on the fixed input, F)
     {"op": "update", "path": P, "copy": B, "newer_than": N|null, "timeout": S}
                                            wait_version (when newer_than is given), then
@@ -159,7 +159,7 @@ class Engine:
         with torch.device("meta"):
             m = AutoModelForCausalLM.from_config(self.cfg, dtype=torch.bfloat16)
         with torch.cuda.device(0):
-            self.model = self.weightfs.load_model(m, c["path"], copy=True).eval()
+            self.model = self.weightfs.load_model_folder(m, c["path"], copy=True).eval()
         self.ids = fixed_ids(torch, self.cfg.vocab_size)
         return {"loaded": c["path"], "version": self.weightfs.resolve_version(c["path"]).number}
 

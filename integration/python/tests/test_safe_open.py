@@ -77,6 +77,9 @@ class SafeOpenTests(unittest.TestCase):
             self.assertEqual(f.get_slice("w2").get_dtype(), "F16")
         with weightfs.safe_open(self.plain, framework="torch") as f:
             self.assertIsNone(f.metadata())
+        # transformers passes the newer reference's backend= keyword: accepted as the reference does
+        with weightfs.safe_open(self.mixed, framework="pt", device="cpu", backend=None) as f:
+            self.assertEqual(f.keys(), ["e", "s", "w1", "w2"])
 
     def test_unknown_name(self):
         with weightfs.safe_open(self.mixed, "pt") as f:

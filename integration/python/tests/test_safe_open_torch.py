@@ -50,9 +50,9 @@ SLICES = {
 }
 
 
-def awkward() -> bytes:
-    """Unaligned offsets, zero-size, scalar, BOOL, FP8 and many small tensors, JSON order
-    different from data order."""
+def awkward(prefix: str = "", many: int = 300) -> bytes:
+    """Unaligned offsets, zero-size, scalar, BOOL, FP8 and ``many`` small tensors, JSON order
+    different from data order; every name starts with ``prefix`` (shards of one model)."""
     t = {
         "a.u8": ("U8", [3], b"\x01\x02\x03"),  # everything after it is unaligned
         "b.bf16": ("BF16", [2, 3], stfiles.bf16(1.0, -2.0, 0.5, 3.0, -0.25, 8.0)),
@@ -66,14 +66,18 @@ def awkward() -> bytes:
         "j.empty1": ("I32", [0], b""),
         "k.f16": ("F16", [3, 3], stfiles.f16(*range(9))),
     }
-    for i in range(300):
+    for i in range(many):
         t[f"many.{i:03d}"] = ("I16", [i % 5 + 1], struct.pack(f"<{i % 5 + 1}h", *range(i % 5 + 1)))
+    t = {prefix + k: v for k, v in t.items()}
     return build(t, metadata={"format": "pt", "note": "awkward"})
 
 
 def _bits(t):
-    """The bytes of a tensor (FP8 has no torch.equal on every build): dtype-agnostic."""
-    c = t.detach().to("cpu").contiguous().reshape(-1)
+    """The bytes of a tensor (FP8 has no torch.equal on every build): dtype-agnostic. A fresh
+    dense copy: a view with one element may keep a stride of 2 through contiguous()."""
+    src = t.detach().to("cpu").reshape(-1)
+    c = torch.empty(src.shape, dtype=src.dtype)
+    c.copy_(src)
     return c.view(torch.uint8) if c.numel() else c
 
 
@@ -253,10 +257,10 @@ class SafeOpenZeroCopyTests(unittest.TestCase, _Compare):
         try:
             mans = {p: m.parse_cuda_manifest(json.dumps(raw[p]), p) for p in files}
 
-            def wf_open(path, framework="pt", device="cpu"):
+            def wf_open(path, framework="pt", device="cpu", **kw):
                 p = os.fspath(path)  # "cpu" is the reference's default: take the replica
                 dev = None if device in (None, "cpu") else device
-                return weightfs.safe_open(p, framework, device=dev, manifest=mans.get(p))
+                return weightfs.safe_open(p, framework, device=dev, manifest=mans.get(p), **kw)
 
             def wf_load(path, device="cpu"):
                 p = os.fspath(path)

@@ -56,6 +56,9 @@ class safe_open:  # noqa: N801 - the reference's name, so that a swapped import 
     (only a replica on that GPU counts; otherwise the file is read onto it). ``copy=True``:
     private device copies of the slab's tensors instead of views. ``manifest`` (keyword only)
     overrides the ``user.weightfs.cuda`` attribute, as :func:`weightfs.load_file`'s does.
+    ``backend`` (keyword only; newer safetensors releases take it and transformers passes it)
+    is handed to ``safetensors.safe_open`` when the file is read by it, and has no effect on
+    zero-copy views.
 
     The symlink ``MOUNT/NAME`` is resolved once and the file held open until :meth:`close`, so
     every tensor comes from one version. Views share the daemon's memory: treat them as
@@ -63,7 +66,8 @@ class safe_open:  # noqa: N801 - the reference's name, so that a swapped import 
     """
 
     def __init__(self, filename: PathLike, framework: str = "pt", device: Device = None,
-                 copy: bool = False, *, manifest: Optional[Manifest] = None):
+                 copy: bool = False, *, manifest: Optional[Manifest] = None,
+                 backend: Optional[str] = None):
         self._where = os.fsdecode(os.fspath(filename))
         if framework not in FRAMEWORKS:
             raise SafetensorError(
@@ -72,6 +76,7 @@ class safe_open:  # noqa: N801 - the reference's name, so that a swapped import 
                 "safetensors.safe_open for numpy, tensorflow, flax or mlx")
         self._device = device
         self._copy = bool(copy)
+        self._backend = backend
         self._real = os.path.realpath(os.fspath(filename))
         self._fd: Optional[int] = open_direct(self._real)
         try:
@@ -191,7 +196,8 @@ class safe_open:  # noqa: N801 - the reference's name, so that a swapped import 
             from safetensors import safe_open as st_open
         except ImportError:
             return _ReadSource(self._fd, self._header, dev, self._where)
-        return _LibSource(st_open(self._real, framework="pt", device=dev))
+        extra = {} if self._backend is None else {"backend": self._backend}
+        return _LibSource(st_open(self._real, framework="pt", device=dev, **extra))
 
 
 class SafeSlice:
