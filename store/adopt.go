@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/weightfs/weightfs/store/safetensors"
@@ -100,16 +101,64 @@ func (s *Store) adoptVersion(ctx context.Context, model string, mv manifestVersi
 	v := &Version{source: mv.Source, number: mv.Number, loadedAt: mv.LoadedAt,
 		loadTime: time.Duration(mv.LoadSeconds * float64(time.Second))}
 	seen := map[string]bool{}
-	err = s.listedVersion(ctx, v, mv.Dirs, len(mv.Files), func(i int) (*File, error) {
-		if err := checkManifestFile(mv.Files[i], seen); err != nil {
+	for _, mf := range mv.Files {
+		if err := checkManifestFile(mf, seen); err != nil {
 			return nil, err
 		}
+	}
+	err = s.listedVersion(ctx, v, mv.Dirs, len(mv.Files), func(i int) (*File, error) {
 		return s.adoptFile(mv.Files[i])
 	})
 	if err != nil {
 		return nil, err
 	}
 	return v, nil
+}
+
+// listedWorkers is how many files of a listing are made at once: reading
+// (and decoding, and checksumming) several files keeps several streams of
+// a disk busy and overlaps one file's checksum with another's reads.
+const listedWorkers = 4
+
+// listedFiles makes the n files of a listing with file(i), listedWorkers at
+// a time; it returns those made (the caller owns them, also on an error)
+// and the first error, after which no further file is started.
+func listedFiles(ctx context.Context, n int, file func(i int) (*File, error)) ([]*File, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	made := make([]*File, n)
+	errs := make([]error, n)
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range min(n, listedWorkers) {
+		wg.Go(func() {
+			for i := range next {
+				if errs[i] = ctx.Err(); errs[i] != nil {
+					continue
+				}
+				if made[i], errs[i] = file(i); errs[i] != nil {
+					cancel()
+				}
+			}
+		})
+	}
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	var out []*File
+	var first error
+	for i, f := range made {
+		if f != nil {
+			out = append(out, f)
+		}
+		// A file's own error comes before the cancellations it caused.
+		if err := errs[i]; err != nil && (first == nil || errors.Is(first, context.Canceled) && !errors.Is(err, context.Canceled)) {
+			first = err
+		}
+	}
+	return out, first
 }
 
 // listedVersion fills v with the n files a listing records (the state
@@ -127,16 +176,13 @@ func (s *Store) listedVersion(ctx context.Context, v *Version, dirs []manifestDi
 			v.free()
 		}
 	}()
-	for i := range n {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		f, err := file(i)
-		if err != nil {
-			return err
-		}
+	files, err := listedFiles(ctx, n, file)
+	for _, f := range files {
 		v.files = append(v.files, f)
 		v.bytes += f.Size()
+	}
+	if err != nil {
+		return err
 	}
 	sort.Slice(v.files, func(i, j int) bool { return v.files[i].path < v.files[j].path })
 	s.fileTree(v.root, v.files, func(rel string) attrs { return dirAttrsOr(attrsOf, rel) })

@@ -197,6 +197,9 @@ func readFileInto(dirFD int, name, display string, dst []byte, size int64, decod
 	if got != size {
 		return fmt.Errorf("%s is %d bytes, not the %d recorded", display, got, size)
 	}
+	// Read front to back once: a larger readahead window (advice only, so
+	// its failure changes nothing).
+	_ = unix.Fadvise(int(f.Fd()), 0, size, unix.FADV_SEQUENTIAL)
 	if decode != nil {
 		return decode(f)
 	}

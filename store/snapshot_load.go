@@ -152,9 +152,14 @@ func (s *Store) loadSnapshot(ctx context.Context, modelFD int, name string, n in
 	c := codec.New(codec.Options{NoZstd: true})
 	defer c.Close()
 	seen := map[string]bool{}
+	for _, sf := range sv.Files {
+		if err := checkListedPath(snapshotManifest, sf.Path, seen); err != nil {
+			return nil, err
+		}
+	}
 	start := time.Now()
 	err = s.listedVersion(ctx, v, sv.Dirs, len(sv.Files), func(i int) (*File, error) {
-		return s.loadSnapshotFile(ctx, c, fd, dir, sv.Files[i], seen)
+		return s.loadSnapshotFile(ctx, c, fd, dir, sv.Files[i])
 	})
 	if err != nil {
 		return nil, err
@@ -165,10 +170,7 @@ func (s *Store) loadSnapshot(ctx context.Context, modelFD int, name string, n in
 
 // loadSnapshotFile decodes one file of a snapshot into a new host image and
 // checks it.
-func (s *Store) loadSnapshotFile(ctx context.Context, c *codec.Codec, dirFD int, dir string, sf snapshotFile, seen map[string]bool) (*File, error) {
-	if err := checkListedPath(snapshotManifest, sf.Path, seen); err != nil {
-		return nil, err
-	}
+func (s *Store) loadSnapshotFile(ctx context.Context, c *codec.Codec, dirFD int, dir string, sf snapshotFile) (*File, error) {
 	switch {
 	case sf.Data == "" || strings.ContainsAny(sf.Data, "/\x00") || strings.HasPrefix(sf.Data, "."):
 		return nil, fmt.Errorf("file %s: data file name %q in %s is not a plain file name", sf.Path, sf.Data, snapshotManifest)

@@ -782,8 +782,15 @@ def tiers_section(args, work, src, mnt, total):
     log(line)
     res["snapshot_load_s"] = at - d.t0
     policy = os.path.join(mnt, "policy")
-    res["snapshot_resident_s"] = _wait_resident(
-        [os.path.join(policy, f) for f in os.listdir(policy) if f.endswith(".safetensors")]) - d.t0
+    shards = []
+    while not shards:  # the mount is served once the snapshots are loaded
+        try:
+            shards = [os.path.join(policy, f) for f in os.listdir(policy) if f.endswith(".safetensors")]
+        except OSError:
+            if time.perf_counter() - d.t0 > 120:
+                raise
+            time.sleep(0.002)
+    res["snapshot_resident_s"] = _wait_resident(shards) - d.t0
     d.stop()
 
     log(f"\n| step ({total / 1e9:.1f} GB, {datetime.date.today()}) | seconds |")

@@ -31,7 +31,8 @@ weightfs binary given by --bin, then checks:
   FP8, 1300 tensors) on the mount: every tensor and a set of slices from weightfs.safe_open
   (device None, 0, "cuda:0"; copy=True; "cpu") equal safetensors.safe_open's of the source, and
   the zero-copy ones lie inside the daemon's slabs; (safe-open-b) transformers' from_pretrained
-  with its safe_open swapped for weightfs.safe_open answers with the same logits.
+  with its safe_open swapped for weightfs.safe_open, then for weightfs.shim's safe_open and
+  load_file, answers with the same logits (how many parameters are slab views is reported).
 Prints one line per check and "N passed, N failed" last; exits non-zero on any failure.
 """
 import argparse
@@ -137,9 +138,11 @@ def compare_safe_open(path, ref_path, kwargs, zero_copy):
 
     dev = kwargs.get("device")
     ref_dev = "cpu" if dev == "cpu" else "cuda:0"
-    ranges = weightfs.gpu_pointer_ranges(path)
+    ranges = []
 
     def inside(t):
+        if not ranges:  # the slabs this process maps, once safe_open has mapped them
+            ranges.extend(weightfs.gpu_pointer_ranges(path))
         return any(b <= t.data_ptr() < b + n for _, b, n in ranges)
 
     def same(got, want, what):
@@ -563,24 +566,43 @@ def main():
             from safetensors import safe_open as st_open
             from transformers import modeling_utils
 
-            devices = []
+            from weightfs import shim
 
-            def swapped(*a, **kw):
-                devices.append(kw.get("device", a[2] if len(a) > 2 else "cpu"))
-                return weightfs.safe_open(*a, **kw)
-            with mock.patch.object(modeling_utils, "safe_open", swapped):
-                m = AutoModelForCausalLM.from_pretrained(mounted, dtype=torch.bfloat16, device_map="cuda:0").eval()
-            if not devices:
-                raise AssertionError("transformers did not call modeling_utils.safe_open")
-            got = logits(m, ids)
-            if not torch.equal(got, ref):
-                raise AssertionError(f"max diff {(got - ref).abs().max()}")
-            ranges = [r for s in shards for r in weightfs.gpu_pointer_ranges(os.path.join(mounted, s))]
-            params = list(m.parameters())
-            inside = sum(1 for p in params if any(b <= p.data_ptr() < b + n for _, b, n in ranges))
-            return (f"logits equal; transformers opened {len(devices)} files with device {sorted(set(map(str, devices)))}; "
-                    f"{inside}/{len(params)} parameters inside the slabs; the reference's signature "
-                    f"{getattr(st_open, '__text_signature__', None) or '(not exposed)'}")
+            ranges = []
+            out = []
+            # A plain swap of the import, then the package's shim (reference signatures, "cpu"
+            # meaning "the replica first") for both names transformers imports.
+            for label, opener, loader in (("plain swap", weightfs.safe_open, None),
+                                          ("weightfs.shim", shim.safe_open, shim.load_file)):
+                devices = []
+
+                def swapped(*a, opener=opener, devices=devices, **kw):
+                    devices.append(kw.get("device", a[2] if len(a) > 2 else "cpu"))
+                    return opener(*a, **kw)
+                patches = [mock.patch.object(modeling_utils, "safe_open", swapped)]
+                if loader is not None and hasattr(modeling_utils, "safe_load_file"):
+                    patches.append(mock.patch.object(modeling_utils, "safe_load_file", loader))
+                for p in patches:
+                    p.start()
+                try:
+                    m = AutoModelForCausalLM.from_pretrained(mounted, dtype=torch.bfloat16, device_map="cuda:0").eval()
+                finally:
+                    for p in patches:
+                        p.stop()
+                if not devices:
+                    raise AssertionError(f"{label}: transformers did not call modeling_utils.safe_open")
+                got = logits(m, ids)
+                if not torch.equal(got, ref):
+                    raise AssertionError(f"{label}: max diff {(got - ref).abs().max()}")
+                if not ranges:
+                    ranges.extend(r for s in shards for r in weightfs.gpu_pointer_ranges(os.path.join(mounted, s)))
+                params = list(m.parameters())
+                inside = sum(1 for p in params if any(b <= p.data_ptr() < b + n for _, b, n in ranges))
+                out.append(f"{label}: logits equal, {len(devices)} files opened with device "
+                           f"{sorted(set(map(str, devices)))}, {inside}/{len(params)} parameters inside the slabs")
+                del m
+            return "; ".join(out) + (f"; the reference's signature "
+                                     f"{getattr(st_open, '__text_signature__', None) or '(not exposed)'}")
         check("(safe-open-b) transformers with its safe_open swapped for weightfs': same logits", safe_open_b)
 
         def d():

@@ -81,6 +81,22 @@ class SafeOpenTests(unittest.TestCase):
         with weightfs.safe_open(self.mixed, framework="pt", device="cpu", backend=None) as f:
             self.assertEqual(f.keys(), ["e", "s", "w1", "w2"])
 
+    def test_shim_signatures(self):
+        """weightfs.shim has the reference's signatures; its "cpu" (the reference's default)
+        means "the replica first" (device None), any other device is passed on."""
+        from weightfs import shim
+
+        with shim.safe_open(self.mixed, "pt", backend=None) as f:
+            self.assertEqual(f.keys(), ["e", "s", "w1", "w2"])
+            self.assertIsNone(f._device)
+        for given, want in (("cpu", None), (None, None), ("cuda:1", "cuda:1"), (0, 0)):
+            with self.subTest(device=given), shim.safe_open(self.mixed, device=given) as f:
+                self.assertEqual(f._device, want)
+        with mock.patch("weightfs.load_file") as lf:
+            shim.load_file(self.mixed)
+            shim.load_file(self.mixed, device="cuda:0")
+        self.assertEqual([c.kwargs["device"] for c in lf.call_args_list], [None, "cuda:0"])
+
     def test_unknown_name(self):
         with weightfs.safe_open(self.mixed, "pt") as f:
             for get in (f.get_tensor, f.get_slice):
