@@ -445,11 +445,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True, help="the weightfs binary")
     ap.add_argument("--log", help="also append the output here")
+    ap.add_argument("--only", metavar="TEXT", default=None,
+                    help="run only the checks whose name contains TEXT (e.g. safe-open); the others are "
+                         "reported as skipped")
     args = ap.parse_args()
 
     results = []
 
     def check(name, fn):
+        if args.only and args.only not in name:
+            log(f"SKIP {name} (--only {args.only})")
+            return
         t0 = time.time()
         try:
             detail = fn() or ""
