@@ -310,35 +310,65 @@ func TestStateDirRefused(t *testing.T) {
 
 // TestAdoptReplicatesToGPUs: an adopted version's weights files are copied
 // to the GPUs from their host images, as a load does.
+// Adoption uploads the GPU replicas from the host images, pinning the next
+// file while one is copied; a failed pin or copy leaves the host copy
+// serving, and nothing pinned or allocated behind (the fake checks).
 func TestAdoptReplicatesToGPUs(t *testing.T) {
-	dir := stateDir(t)
-	s, _ := openStateStore(t, dir, false)
-	src := writeShardedFolder(t, 3)
-	v, err := s.Load(context.Background(), "m", src, LoadOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := snapshot(v)
-	crash(s)
+	for _, tc := range []struct {
+		name  string
+		fault *cudatest.Fault
+	}{
+		{"uploaded", nil},
+		{"second pin fails", &cudatest.Fault{Call: "cuMemHostRegister_v2", Code: 2, After: 1}},
+		{"first copy fails", &cudatest.Fault{Call: "cuMemcpyHtoDAsync_v2", Code: 700}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := stateDir(t)
+			s, _ := openStateStore(t, dir, false)
+			src := writeShardedFolder(t, 3)
+			v, err := s.Load(context.Background(), "m", src, LoadOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := snapshot(v)
+			crash(s)
 
-	g := newGPUStore(t, cudatest.Options{}, Budgets{})
-	g.Close() // only its GPUs and fake driver are used
-	sd, err := OpenStateDir(dir, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s2 := New(OpenStateArena(sd), Options{State: sd, GPUs: g.gpus, Logger: quiet})
-	defer s2.Close() // before the GPUs close and the fake checks that all is freed
-	res := s2.Adopt(context.Background())
-	if len(res.Adopted) != 1 {
-		t.Fatalf("adopted %d, dropped %v", len(res.Adopted), res.Dropped)
-	}
-	got := res.Adopted[0]
-	sameVersion(t, got, want)
-	if got.GPUError() != nil {
-		t.Fatal(got.GPUError())
-	}
-	if r := got.Residency(); len(r) != 2 || r[0] != "host" {
-		t.Errorf("residency %v, want the host and the GPU", r)
+			g := newGPUStore(t, cudatest.Options{}, Budgets{})
+			g.Close() // only its GPUs and fake driver are used
+			if tc.fault != nil {
+				g.fake.Inject(*tc.fault)
+			}
+			sd, err := OpenStateDir(dir, false)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s2 := New(OpenStateArena(sd), Options{State: sd, GPUs: g.gpus, Logger: quiet})
+			defer s2.Close() // before the GPUs close and the fake checks that all is freed
+			res := s2.Adopt(context.Background())
+			if len(res.Adopted) != 1 {
+				t.Fatalf("adopted %d, dropped %v", len(res.Adopted), res.Dropped)
+			}
+			got := res.Adopted[0]
+			sameVersion(t, got, want)
+			r := got.Residency()
+			if tc.fault == nil {
+				if got.GPUError() != nil {
+					t.Fatal(got.GPUError())
+				}
+				if len(r) != 2 || r[0] != "host" {
+					t.Errorf("residency %v, want the host and the GPU", r)
+				}
+				return
+			}
+			if got.GPUError() == nil {
+				t.Fatal("no GPU error after a failed upload")
+			}
+			if len(r) != 1 || r[0] != "host" {
+				t.Errorf("residency %v after a failed upload, want the host alone", r)
+			}
+			if p := g.fake.Pinned(); len(p) != 0 {
+				t.Errorf("still pinned after a failed upload: %v", p)
+			}
+		})
 	}
 }

@@ -227,6 +227,8 @@ class SafeOpenZeroCopyTests(unittest.TestCase, _Compare):
 
         self.compare_files(self.path, self.reference(),
                            {"copy": True, "manifest": self.man}, check)
+        with weightfs.safe_open(self.path, "pt", copy=True, manifest=self.man) as f:
+            self.assertFalse(f.zero_copy)  # the slab is read, the tensors are private copies
 
     def test_cpu_reads_file(self):
         with weightfs.safe_open(self.path, "pt", device="cpu", manifest=self.man) as f:

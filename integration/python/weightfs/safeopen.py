@@ -146,8 +146,9 @@ class safe_open:  # noqa: N801 - the reference's name, so that a swapped import 
 
     @property
     def zero_copy(self) -> bool:
-        """Whether tensors come from a GPU slab (chooses the source: imports torch)."""
-        return isinstance(self._source(), _SlabSource)
+        """Whether tensors are views of a GPU slab: a replica is used and ``copy`` is False
+        (chooses the source: imports torch)."""
+        return isinstance(self._source(), _SlabSource) and not self._copy
 
     def __del__(self) -> None:
         fd = getattr(self, "_fd", None)
