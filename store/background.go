@@ -84,11 +84,8 @@ func (s *Store) startBackground(v *Version, fills []hostFill) {
 		for _, f := range v.files {
 			f.computeSum(ctx, s.sums)
 		}
-		if ctx.Err() == nil && s.state != nil {
-			select { // Run writes the manifest with the checksums
-			case s.saveCh <- struct{}{}:
-			default:
-			}
+		if ctx.Err() == nil {
+			s.requestSave() // the manifest with the checksums
 		}
 		if v.snapped != nil {
 			if ctx.Err() != nil {
@@ -250,4 +247,17 @@ func (f *File) WaitChecksum(ctx context.Context) (uint64, error) {
 		return 0, f.sumErr
 	}
 	return f.sum, nil
+}
+
+// requestSave asks Run to rewrite the state manifest soon (requests made
+// while one is pending are one write): for callers that must not wait for
+// the JSON and its fsync.
+func (s *Store) requestSave() {
+	if s.state == nil {
+		return
+	}
+	select {
+	case s.saveCh <- struct{}{}:
+	default:
+	}
 }

@@ -286,7 +286,14 @@ func (s *Store) commit(name string, v *Version, fills []hostFill) error {
 	for _, h := range onCurrent {
 		h(m)
 	}
-	s.saveState()
+	if v.isPushed() {
+		// A trainer waits for its commit's answer: the manifest is written
+		// by Run (a pushed version is adopted only once its checksums are
+		// known, which writes it again).
+		s.requestSave()
+	} else {
+		s.saveState()
+	}
 	s.announce(gone, onRemove, fmt.Sprintf("retention: %s committed, keeping the newest %d versions and the current one", v.Name(), s.keep))
 	if len(gone) > 0 {
 		// Freeing a version (unpinning and freeing tens of GB) takes

@@ -754,8 +754,8 @@ def tiers_section(args, work, src, mnt, total):
     dt, n = timed_once("zero-copy", mounted)
     res["restart_zero_copy_s"] = dt
     res["restart_rchar"] = d.rchar()
-    adopted = [line for _, line in d.lines if line and ("adopt" in line or "dropped at start" in line)]
-    log("\n".join(adopted))
+    log("the restarted daemon's output, seconds after its start:")
+    log("\n".join(f"  +{at - d.t0:.3f}s {line}" for at, line in list(d.lines)[:25] if line))
     log(f"restart after SIGKILL: every shard GPU-resident {res['restart_resident_s']:.3f}s after the daemon "
         f"started, then a fresh process zero-copy in {dt:.3f}s; the daemon read {res['restart_rchar']} bytes "
         f"({100 * res['restart_rchar'] / total:.4f}% of the model)")
