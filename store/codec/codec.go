@@ -358,6 +358,44 @@ func (c *Codec) DecodeParallel(ctx context.Context, dst, src []byte, workers int
 	return firstErr
 }
 
+// DecodePrefix decodes the first len(dst) raw bytes of the stream src into
+// dst, decoding only the blocks that hold them, on the calling goroutine.
+// Every block header is validated (as Info does) and each block decoded is
+// checked by its sum; the others are not read. It serves a file's header
+// without decoding the whole file.
+func (c *Codec) DecodePrefix(dst, src []byte) error {
+	h, blocks, err := scan(src)
+	if err != nil {
+		return err
+	}
+	if uint64(len(dst)) > h.rawLen {
+		return fmt.Errorf("codec: a prefix of %d bytes asked of a stream of %d", len(dst), h.rawLen)
+	}
+	w := c.workers.Get().(*worker)
+	defer c.workers.Put(w)
+	n := int64(len(dst))
+	for i := range blocks {
+		b := &blocks[i]
+		if b.rawOff >= n {
+			break
+		}
+		end := b.rawOff + int64(b.rawLen)
+		if end <= n {
+			if err := c.decodeBlock(dst[b.rawOff:end], b, w); err != nil {
+				return err
+			}
+			continue
+		}
+		// The last block needed holds more than the prefix.
+		tmp := make([]byte, b.rawLen)
+		if err := c.decodeBlock(tmp, b, w); err != nil {
+			return err
+		}
+		copy(dst[b.rawOff:], tmp)
+	}
+	return nil
+}
+
 // decodeBlock decodes block b into dst (its raw length) and checks its sum.
 func (c *Codec) decodeBlock(dst []byte, b *block, w *worker) error {
 	payloadOff := b.off + blockHeaderSize

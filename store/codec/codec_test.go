@@ -393,3 +393,34 @@ func TestDecodeReader(t *testing.T) {
 		t.Errorf("cancelled: %v", err)
 	}
 }
+
+// TestDecodePrefix: the first n bytes of a stream decode alone, for every n
+// around block boundaries, and a corrupt block among them is ErrCorrupt.
+func TestDecodePrefix(t *testing.T) {
+	c := codec.New(codec.Options{BlockSize: codec.MinBlockSize})
+	defer c.Close()
+	src := trained(t, "BF16", 5*codec.MinBlockSize+123, 4)
+	enc := roundTrip(t, c, src, "BF16")
+	bs := codec.MinBlockSize
+	for _, n := range []int{0, 1, 8, bs - 1, bs, bs + 1, 3*bs + 7, len(src) - 1, len(src)} {
+		dst := make([]byte, n)
+		if err := c.DecodePrefix(dst, enc); err != nil || !bytes.Equal(dst, src[:n]) {
+			t.Fatalf("prefix of %d bytes: %v, equal %v", n, err, bytes.Equal(dst, src[:n]))
+		}
+	}
+	if err := c.DecodePrefix(make([]byte, len(src)+1), enc); err == nil {
+		t.Error("a prefix longer than the stream: no error")
+	}
+	infos, err := codec.Info(enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := bytes.Clone(enc)
+	bad[len(enc)-infos[len(infos)-1].EncodedLen/2] ^= 0x55 // in the last block
+	if err := c.DecodePrefix(make([]byte, bs), bad); err != nil {
+		t.Errorf("a corrupt block after the prefix was read: %v", err)
+	}
+	if err := c.DecodePrefix(make([]byte, len(src)), bad); !errors.Is(err, codec.ErrCorrupt) {
+		t.Errorf("a corrupt block in the prefix: %v, want ErrCorrupt", err)
+	}
+}
