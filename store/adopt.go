@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/weightfs/weightfs/store/codec"
 	"github.com/weightfs/weightfs/store/safetensors"
 )
 
@@ -77,10 +78,14 @@ func (s *Store) Adopt(ctx context.Context) AdoptResult {
 				continue
 			}
 			for _, f := range v.files {
-				kept[f.buf.image] = true
+				if f.buf != nil {
+					kept[f.buf.image] = true
+				} else {
+					kept[f.packed.image] = true
+				}
 			}
 			adopted = append(adopted, v)
-			s.log.Info("adopted", "version", name, "files", len(v.files), "bytes", v.bytes,
+			s.log.Info("adopted", "version", name, "tier", v.Tier(), "files", len(v.files), "bytes", v.bytes,
 				"seconds", time.Since(start).Seconds(), "source", v.source)
 		}
 		last := mm.LastNumber
@@ -140,8 +145,23 @@ func (s *Store) listedVersion(ctx context.Context, v *Version, dirs []manifestDi
 	}
 	sort.Slice(v.files, func(i, j int) bool { return v.files[i].path < v.files[j].path })
 	s.fileTree(v.root, v.files, func(rel string) attrs { return dirAttrsOr(attrsOf, rel) })
-	if gpus := s.gpus.List(); len(gpus) > 0 {
-		v.gpuErr = s.adoptReplicas(v)
+	packed := 0
+	for _, f := range v.files {
+		if f.buf == nil {
+			packed++
+		}
+	}
+	switch {
+	case packed == 0:
+		if gpus := s.gpus.List(); len(gpus) > 0 {
+			v.gpuErr = s.adoptReplicas(v)
+		}
+	case packed < len(v.files):
+		return fmt.Errorf("%d of its %d files are compressed, the others not (a crash during a tier move)", packed, len(v.files))
+	default:
+		// The compressed tier, without GPU replicas (there is no host
+		// image to upload from): the restore on its next open serves it.
+		v.use.compressed = true
 	}
 	return nil
 }
@@ -171,9 +191,20 @@ func checkManifestFile(mf manifestFile, seen map[string]bool) error {
 	if err := checkListedPath("the manifest", mf.Path, seen); err != nil {
 		return err
 	}
+	image := mf.Image
+	switch mf.Tier {
+	case "":
+	case TierCompressed:
+		image = mf.Packed
+		if mf.Image != "" || mf.PackedSize < 0 {
+			return fmt.Errorf("file %s: compressed with image %q and %d stream bytes in the manifest", mf.Path, mf.Image, mf.PackedSize)
+		}
+	default:
+		return fmt.Errorf("file %s: tier %q in the manifest", mf.Path, mf.Tier)
+	}
 	switch {
-	case mf.Image == "" || strings.ContainsAny(mf.Image, "/\x00") || mf.Image == "." || mf.Image == "..":
-		return fmt.Errorf("file %s: image name %q in the manifest is not a plain file name", mf.Path, mf.Image)
+	case !plainName(image):
+		return fmt.Errorf("file %s: image name %q in the manifest is not a plain file name", mf.Path, image)
 	case mf.Size < 0:
 		return fmt.Errorf("file %s: size %d in the manifest", mf.Path, mf.Size)
 	case mf.Kind != Plain.String() && mf.Kind != Weights.String():
@@ -182,7 +213,14 @@ func checkManifestFile(mf manifestFile, seen map[string]bool) error {
 	return nil
 }
 
-// adoptFile checks one file's source and maps its image.
+// plainName: name is a file name without a folder.
+func plainName(name string) bool {
+	return name != "" && !strings.ContainsAny(name, "/\x00") && name != "." && name != ".."
+}
+
+// adoptFile checks one file's source and maps its image, or its stream in
+// the compressed tier (checked by its headers and length; its XXH3 is
+// checked when it is restored).
 func (s *Store) adoptFile(mf manifestFile) (*File, error) {
 	var want uint64
 	byID := mf.Source != "" && mf.SourceID != nil // else a pushed file: by checksum
@@ -203,18 +241,32 @@ func (s *Store) adoptFile(mf manifestFile) (*File, error) {
 			return nil, fmt.Errorf("pushed file %s: checksum %q in the manifest: %w", mf.Path, mf.XXH3, err)
 		}
 	}
-	buf, err := s.arena.adoptBuffer(mf.Image, mf.Path, mf.Size)
+	f := &File{name: path.Base(mf.Path), path: mf.Path, kind: Plain, source: mf.Source,
+		attrs: mf.manifestAttrs.attrs(0o444)}
+	var err error
+	if mf.Tier == TierCompressed {
+		// A version is compressed after its checksums: the restore checks
+		// its bytes against them.
+		if _, err := strconv.ParseUint(mf.XXH3, 16, 64); err != nil {
+			return nil, fmt.Errorf("compressed file %s: no valid checksum was recorded (%q)", mf.Path, mf.XXH3)
+		}
+		f.packed, err = s.arena.adoptPacked(mf.Packed, mf.Path, mf.PackedSize, mf.Size)
+		f.rawSize = mf.Size
+	} else {
+		f.buf, err = s.arena.adoptBuffer(mf.Image, mf.Path, mf.Size)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("file %s: %w", mf.Path, err)
 	}
-	f := &File{name: path.Base(mf.Path), path: mf.Path, kind: Plain, source: mf.Source, buf: buf,
-		attrs: mf.manifestAttrs.attrs(0o444)}
 	fail := func(err error) (*File, error) {
-		buf.Close()
+		f.packed.close()
+		if f.buf != nil {
+			f.buf.Close()
+		}
 		return nil, err
 	}
-	if !byID {
-		sum, err := hashImage(context.Background(), buf.Bytes())
+	if !byID && f.buf != nil {
+		sum, err := hashImage(context.Background(), f.buf.Bytes())
 		if err != nil {
 			return fail(err)
 		}
@@ -234,13 +286,41 @@ func (s *Store) adoptFile(mf manifestFile) (*File, error) {
 		}
 	}
 	if mf.Kind == Weights.String() {
-		h, err := safetensors.Parse(buf.Bytes())
+		var h *safetensors.Header
+		if f.buf != nil {
+			h, err = safetensors.Parse(f.buf.Bytes())
+		} else {
+			h, err = streamHeader(f.packed.Bytes(), mf.Size)
+		}
 		if err != nil {
-			return fail(fmt.Errorf("file %s: the header in its image: %w", mf.Path, err))
+			return fail(fmt.Errorf("file %s: the header in its %s: %w", mf.Path, map[bool]string{true: "image", false: "stream"}[f.buf != nil], err))
 		}
 		f.kind, f.header = Weights, h
 	}
 	return f, nil
+}
+
+// streamHeader parses the safetensors header of a compressed weights file
+// of size bytes, decoding only the blocks that hold it.
+func streamHeader(stream []byte, size int64) (*safetensors.Header, error) {
+	c := codec.New(codec.Options{NoZstd: true})
+	defer c.Close()
+	return safetensors.ReadHeader(prefixReader{c: c, stream: stream}, size)
+}
+
+// prefixReader reads a stream's raw bytes by decoding its prefix up to
+// the end of each read: for a header's few reads at its start.
+type prefixReader struct {
+	c      *codec.Codec
+	stream []byte
+}
+
+func (r prefixReader) ReadAt(p []byte, off int64) (int, error) {
+	prefix := make([]byte, off+int64(len(p)))
+	if err := r.c.DecodePrefix(prefix, r.stream); err != nil {
+		return 0, err
+	}
+	return copy(p, prefix[off:]), nil
 }
 
 // adoptReplicas uploads an adopted version's weights files to the GPUs from

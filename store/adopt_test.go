@@ -43,8 +43,14 @@ func crash(s *Store) {
 	for _, v := range s.allVersionsLocked() {
 		v.stopBackground()
 		for _, f := range v.files {
-			f.buf.image = "" // Close keeps the file
-			f.buf.Close()
+			if f.buf != nil {
+				f.buf.image = "" // Close keeps the file
+				f.buf.Close()
+			}
+			if f.packed != nil {
+				f.packed.image = "" // likewise
+				f.packed.close()
+			}
 		}
 	}
 	s.models, s.closed = nil, true
