@@ -71,9 +71,12 @@ type Store struct {
 	moves                     sync.WaitGroup
 	moveCompress, moveRestore atomic.Int64
 	// moveGPU and moveDrop count GPU replicas freed and compressed versions
-	// dropped by eviction (store/evict.go).
-	moveGPU, moveDrop atomic.Int64
-	compressIdle      bool
+	// dropped by eviction (store/evict.go); moveSnapshot versions moved to
+	// the snapshot tier (snaptier.go), restoreSnapshot those restored
+	// from it (moveRestore counts the compressed tier's).
+	moveGPU, moveDrop             atomic.Int64
+	moveSnapshot, restoreSnapshot atomic.Int64
+	compressIdle                  bool
 }
 
 // ReservedInos are inode numbers the store never hands out: 1 is the mount's
@@ -115,9 +118,10 @@ type Options struct {
 	// CompressIdle lets a load, push or restore refused for memory evict
 	// before it gives up, least recently used first: GPU replicas of idle
 	// non-current versions for GPU memory; for host memory, idle versions
-	// to the compressed tier, then compressed non-current versions that
-	// can be re-loaded off the mount (tier.go, evict.go). Off: refused as
-	// before.
+	// to the compressed tier, then compressed pushed versions whose
+	// snapshot is on disk to the snapshot tier, then compressed
+	// non-current versions that can be re-loaded off the mount (tier.go,
+	// snaptier.go, evict.go). Off: refused as before.
 	CompressIdle bool
 }
 

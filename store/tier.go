@@ -398,7 +398,11 @@ func (s *Store) restore(v *Version) error {
 	}
 	v.use.compressed = false
 	v.use.mu.Unlock()
-	s.moveRestore.Add(1)
+	if from == TierSnapshot {
+		s.restoreSnapshot.Add(1)
+	} else {
+		s.moveRestore.Add(1)
+	}
 	s.saveState() // before the streams go: a crash in between finds the images
 	var errs []error
 	for i, p := range old {
@@ -448,8 +452,9 @@ func (f *File) decodeInto(ctx context.Context, c *codec.Codec, b *Buffer) error 
 // retrying after each: when GPU memory is refused (the budget, or a
 // device's free memory) it frees the GPU replicas of idle non-current
 // versions (evict.go); when host memory is refused (the budget or the
-// system) it moves idle versions to the compressed tier, then takes
-// compressed non-current versions that can be re-loaded from their
+// system) it moves idle versions to the compressed tier, then compressed
+// pushed versions whose snapshot is on disk to the snapshot tier, then
+// takes compressed non-current versions that can be re-loaded from their
 // unchanged source off the mount. Nothing open or held is touched.
 func (s *Store) reserveEvicting(ctx context.Context, name, dir string, host, gpu int64) (func(), error) {
 	tried := map[*Version]bool{}
@@ -475,10 +480,12 @@ func (s *Store) reserveEvicting(ctx context.Context, name, dir string, host, gpu
 				return nil, err
 			}
 		default:
-			// Compressing every idle version comes first; dropping
-			// compressed ones that can be re-loaded, second.
+			// Compressing every idle version comes first; moving
+			// compressed pushed ones to their snapshots, second (they
+			// stay on the mount); dropping compressed ones that can be
+			// re-loaded, last.
 			reason := fmt.Sprintf("%s of host memory for %s (%s budget)", HumanBytes(host), name, be.Tier)
-			if !s.evictOne(ctx, tried, reason) && !s.dropOne(reason) {
+			if !s.evictOne(ctx, tried, reason) && !s.snapshotOne(reason) && !s.dropOne(reason) {
 				return nil, err
 			}
 		}

@@ -85,7 +85,7 @@ func Versions(w io.Writer, models []control.Model, draining []control.Version) {
 			name += " *"
 		}
 		tier := v.Tier
-		if tier == store.TierCompressed {
+		if tier == store.TierCompressed || tier == store.TierSnapshot {
 			tier += " " + store.HumanBytes(v.CompressedBytes)
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%d\t%s\t%s/s\t%s\n", name, v.State, v.Files, store.HumanBytes(v.Bytes),
