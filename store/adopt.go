@@ -12,7 +12,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/weightfs/weightfs/store/codec"
 	"github.com/weightfs/weightfs/store/safetensors"
 )
 
@@ -109,7 +108,7 @@ func (s *Store) adoptVersion(ctx context.Context, model string, mv manifestVersi
 		if err := checkManifestFile(mv.Files[i], seen); err != nil {
 			return nil, err
 		}
-		return s.adoptFile(mv.Files[i])
+		return s.adoptFile(model, mv.Number, mv.Files[i])
 	})
 	if err != nil {
 		return nil, err
@@ -194,10 +193,13 @@ func checkManifestFile(mf manifestFile, seen map[string]bool) error {
 	image := mf.Image
 	switch mf.Tier {
 	case "":
-	case TierCompressed:
+	case TierCompressed, TierSnapshot:
 		image = mf.Packed
+		if mf.Tier == TierSnapshot {
+			image = mf.Snapshot
+		}
 		if mf.Image != "" || mf.PackedSize < 0 {
-			return fmt.Errorf("file %s: compressed with image %q and %d stream bytes in the manifest", mf.Path, mf.Image, mf.PackedSize)
+			return fmt.Errorf("file %s: %s with image %q and %d stream bytes in the manifest", mf.Path, mf.Tier, mf.Image, mf.PackedSize)
 		}
 	default:
 		return fmt.Errorf("file %s: tier %q in the manifest", mf.Path, mf.Tier)
@@ -218,10 +220,11 @@ func plainName(name string) bool {
 	return name != "" && !strings.ContainsAny(name, "/\x00") && name != "." && name != ".."
 }
 
-// adoptFile checks one file's source and maps its image, or its stream in
-// the compressed tier (checked by its headers and length; its XXH3 is
-// checked when it is restored).
-func (s *Store) adoptFile(mf manifestFile) (*File, error) {
+// adoptFile checks one file's source and maps its image, or opens its
+// stream in the compressed or snapshot tier (checked by its headers and
+// length; its XXH3 is checked when it is restored). model and number are
+// its version's.
+func (s *Store) adoptFile(model string, number int, mf manifestFile) (*File, error) {
 	var want uint64
 	byID := mf.Source != "" && mf.SourceID != nil // else a pushed file: by checksum
 	if byID {
@@ -244,15 +247,20 @@ func (s *Store) adoptFile(mf manifestFile) (*File, error) {
 	f := &File{name: path.Base(mf.Path), path: mf.Path, kind: Plain, source: mf.Source,
 		attrs: mf.manifestAttrs.attrs(0o444)}
 	var err error
-	if mf.Tier == TierCompressed {
+	if mf.Tier != "" {
 		// A version is compressed after its checksums: the restore checks
 		// its bytes against them.
 		if _, err := strconv.ParseUint(mf.XXH3, 16, 64); err != nil {
-			return nil, fmt.Errorf("compressed file %s: no valid checksum was recorded (%q)", mf.Path, mf.XXH3)
+			return nil, fmt.Errorf("%s file %s: no valid checksum was recorded (%q)", mf.Tier, mf.Path, mf.XXH3)
 		}
-		f.packed, err = s.arena.adoptPacked(mf.Packed, mf.Path, mf.PackedSize, mf.Size)
 		f.rawSize = mf.Size
-	} else {
+	}
+	switch mf.Tier {
+	case TierCompressed:
+		f.packed, err = s.arena.adoptPacked(mf.Packed, mf.Path, mf.PackedSize, mf.Size)
+	case TierSnapshot:
+		f.packed, err = s.adoptSnapshotStream(model, number, mf.Snapshot, mf.PackedSize, mf.Size)
+	default:
 		f.buf, err = s.arena.adoptBuffer(mf.Image, mf.Path, mf.Size)
 	}
 	if err != nil {
@@ -290,7 +298,7 @@ func (s *Store) adoptFile(mf manifestFile) (*File, error) {
 		if f.buf != nil {
 			h, err = safetensors.Parse(f.buf.Bytes())
 		} else {
-			h, err = streamHeader(f.packed.Bytes(), mf.Size)
+			h, err = f.packed.header(mf.Size)
 		}
 		if err != nil {
 			return fail(fmt.Errorf("file %s: the header in its %s: %w", mf.Path, map[bool]string{true: "image", false: "stream"}[f.buf != nil], err))
@@ -298,29 +306,6 @@ func (s *Store) adoptFile(mf manifestFile) (*File, error) {
 		f.kind, f.header = Weights, h
 	}
 	return f, nil
-}
-
-// streamHeader parses the safetensors header of a compressed weights file
-// of size bytes, decoding only the blocks that hold it.
-func streamHeader(stream []byte, size int64) (*safetensors.Header, error) {
-	c := codec.New(codec.Options{NoZstd: true})
-	defer c.Close()
-	return safetensors.ReadHeader(prefixReader{c: c, stream: stream}, size)
-}
-
-// prefixReader reads a stream's raw bytes by decoding its prefix up to
-// the end of each read: for a header's few reads at its start.
-type prefixReader struct {
-	c      *codec.Codec
-	stream []byte
-}
-
-func (r prefixReader) ReadAt(p []byte, off int64) (int, error) {
-	prefix := make([]byte, off+int64(len(p)))
-	if err := r.c.DecodePrefix(prefix, r.stream); err != nil {
-		return 0, err
-	}
-	return copy(p, prefix[off:]), nil
 }
 
 // adoptReplicas uploads an adopted version's weights files to the GPUs from

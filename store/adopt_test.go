@@ -54,10 +54,13 @@ func crash(s *Store) {
 		}
 	}
 	s.models, s.closed = nil, true
-	sd := s.state
-	s.state = nil
+	sd, snap := s.state, s.snap
+	s.state, s.snap = nil, nil
 	s.mu.Unlock()
 	sd.closeFDs()
+	if snap != nil {
+		snap.close() // its lock
+	}
 }
 
 func images(t *testing.T, dir string) []string {
@@ -221,16 +224,7 @@ func TestAdoptPushedByChecksum(t *testing.T) {
 			ctx := context.Background()
 			dir := stateDir(t)
 			s, _ := openStateStore(t, dir, false)
-			base := loadBase(t, s, "m")
-			st, err := s.Stage("m", manifestOf(base), nil, StageOptions{Writer: "pid 1"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			writeAll(t, st, pushData(t, st, 5))
-			v, err := st.Commit(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
+			v := pushOnHost(t, s)
 			for _, f := range v.Files() {
 				if _, err := f.WaitChecksum(ctx); err != nil {
 					t.Fatal(err)

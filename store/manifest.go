@@ -55,10 +55,13 @@ type manifestFile struct {
 	Size int64  `json:"size"`
 	// Image is the host image's name in DIR/images (the host tier).
 	Image string `json:"image,omitempty"`
-	// Tier is "" (the host tier) or "compressed": Packed is then the name
-	// in DIR/images of the file's codec stream, of PackedSize bytes.
+	// Tier is "" (the host tier), "compressed" (Packed is the name in
+	// DIR/images of the file's codec stream) or "snapshot" (Snapshot is
+	// the name of its data file in the version's snapshot folder); the
+	// stream is PackedSize bytes.
 	Tier       string `json:"tier,omitempty"`
 	Packed     string `json:"packed,omitempty"`
+	Snapshot   string `json:"snapshot,omitempty"`
 	PackedSize int64  `json:"packed_size,omitempty"`
 	Source     string `json:"source,omitempty"` // "": pushed, adopted by checksum
 	// SourceID is the source's identity when it was read.
@@ -151,10 +154,10 @@ func (v *Version) manifest() (manifestVersion, bool) {
 			mf.Size, mf.Image = b.Size(), b.image
 		case p != nil && p.image != "":
 			mf.Size, mf.Tier, mf.Packed, mf.PackedSize = raw, TierCompressed, p.image, p.Size()
+		case p != nil && p.snapshot != "":
+			mf.Size, mf.Tier, mf.Snapshot, mf.PackedSize = raw, TierSnapshot, p.snapshot, p.Size()
 		default:
-			// Its streams are not in the state directory (the snapshot
-			// tier: its snapshot stays on disk), or it is freed.
-			return mv, false
+			return mv, false // freed
 		}
 		if f.source != "" && f.hasSrcID {
 			mf.SourceID = toID(f.srcID)

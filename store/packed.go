@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/weightfs/weightfs/store/codec"
+	"github.com/weightfs/weightfs/store/safetensors"
 )
 
 // packedStream owns the codec stream of one file of a version in the
@@ -31,8 +33,8 @@ type packedStream struct {
 	file  *os.File // the mapped or snapshot file; nil on the heap
 	size  int64    // the stream's length
 	image string   // its name in the state directory's images folder ("": none)
-	// snapshot is the data file's path relative to the snapshot
-	// directory ("": not in the snapshot tier).
+	// snapshot is the data file's name in its version's snapshot folder
+	// ("": not in the snapshot tier).
 	snapshot string
 	arena    *Arena // whose live count a state file is in (nil: none)
 	cost     int64  // what it added to arena.live
@@ -88,4 +90,32 @@ func (p *packedStream) close() error {
 	}
 	p.closed = true
 	return p.release()
+}
+
+// header parses the safetensors header of the weights file of raw bytes
+// that the stream holds, reading and decoding only the blocks that hold it.
+func (p *packedStream) header(raw int64) (*safetensors.Header, error) {
+	c := codec.New(codec.Options{NoZstd: true})
+	defer c.Close()
+	var r io.ReaderAt = p.file
+	if p.mem != nil || p.file == nil {
+		r = bytes.NewReader(p.mem)
+	}
+	return safetensors.ReadHeader(prefixReader{c: c, r: r, size: p.size}, raw)
+}
+
+// prefixReader reads a stream's raw bytes by decoding its prefix up to the
+// end of each read: for a header's few reads at its start.
+type prefixReader struct {
+	c    *codec.Codec
+	r    io.ReaderAt
+	size int64
+}
+
+func (pr prefixReader) ReadAt(b []byte, off int64) (int, error) {
+	prefix := make([]byte, off+int64(len(b)))
+	if err := pr.c.DecodePrefixAt(prefix, pr.r, pr.size); err != nil {
+		return 0, err
+	}
+	return copy(b, prefix[off:]), nil
 }

@@ -96,10 +96,10 @@ func (p *packedStream) mapFile() error {
 }
 
 // openSnapshotPacked opens the data file name (a codec stream of size
-// bytes) in the snapshot folder dirFD for the snapshot tier; rel is its path
-// relative to the snapshot directory. Its blocks are checked when they are
-// decoded, the whole file's XXH3 when it is restored.
-func openSnapshotPacked(dirFD int, name, display, rel string, size int64) (*packedStream, error) {
+// bytes) in a version's snapshot folder dirFD for the snapshot tier. Its
+// blocks are checked when they are decoded, the whole file's XXH3 when it
+// is restored.
+func openSnapshotPacked(dirFD int, name, display string, size int64) (*packedStream, error) {
 	f, got, err := openRegular(dirFD, name, display)
 	if err != nil {
 		return nil, err
@@ -108,7 +108,7 @@ func openSnapshotPacked(dirFD int, name, display, rel string, size int64) (*pack
 		f.Close()
 		return nil, fmt.Errorf("%s is %d bytes, not the %d recorded", display, got, size)
 	}
-	return &packedStream{file: f, size: size, snapshot: rel}, nil
+	return &packedStream{file: f, size: size, snapshot: name}, nil
 }
 
 // release unmaps, closes and deletes what p holds; p.mu is held.

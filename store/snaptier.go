@@ -9,6 +9,8 @@ import (
 	"strconv"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/weightfs/weightfs/store/codec"
 )
 
 // The snapshot tier (docs/ARCHITECTURE.md, "Tiers"): a compressed pushed
@@ -172,11 +174,42 @@ func (s *Store) snapshotStreams(v *Version) (_ map[string]*packedStream, dir str
 		if f.kind != Weights || sf.Encoding != encodingCodec {
 			continue // kept in memory
 		}
-		p, err := openSnapshotPacked(fd, sf.Data, filepath.Join(dir, sf.Data), filepath.Join(v.model, n, sf.Data), sf.EncodedSize)
+		p, err := openSnapshotPacked(fd, sf.Data, filepath.Join(dir, sf.Data), sf.EncodedSize)
 		if err != nil {
 			return nil, dir, err
 		}
 		out[f.path] = p
 	}
 	return out, dir, nil
+}
+
+// adoptSnapshotStream opens, for a version adopted in the snapshot tier,
+// the data file name of its snapshot (model's version number) holding a
+// stream of size bytes, and checks that its header says raw bytes.
+func (s *Store) adoptSnapshotStream(model string, number int, name string, size, raw int64) (*packedStream, error) {
+	if s.snap == nil {
+		return nil, fmt.Errorf("its stream is in a snapshot, and there is no --snapshot-dir")
+	}
+	n := strconv.Itoa(number)
+	dir := filepath.Join(s.snap.path, model, n)
+	modelFD, err := s.snap.modelDir(model, false)
+	if err != nil {
+		return nil, err
+	}
+	defer unix.Close(modelFD)
+	fd, err := openDirBeneath(modelFD, n)
+	if err != nil {
+		return nil, fmt.Errorf("open %s (a symlink is refused): %w", dir, err)
+	}
+	defer unix.Close(fd)
+	display := filepath.Join(dir, name)
+	p, err := openSnapshotPacked(fd, name, display, size)
+	if err != nil {
+		return nil, err
+	}
+	if got, err := codec.RawSizeAt(p.file, size); err != nil || got != raw {
+		p.close()
+		return nil, fmt.Errorf("%s decodes to %d bytes, the manifest says %d (%v)", display, got, raw, err)
+	}
+	return p, nil
 }

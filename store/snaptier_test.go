@@ -192,3 +192,60 @@ func TestEvictionToSnapshot(t *testing.T) {
 		})
 	}
 }
+
+// TestAdoptSnapshotTier: a version in the snapshot tier survives a killed
+// daemon in that tier (its plain files' streams from the state directory,
+// its weights files' from the snapshot) and restores byte for byte; one
+// whose snapshot went meanwhile is dropped, saying so.
+func TestAdoptSnapshotTier(t *testing.T) {
+	for _, gone := range []bool{false, true} {
+		t.Run(map[bool]string{false: "intact", true: "snapshot gone"}[gone], func(t *testing.T) {
+			stateD, snapD := stateDir(t), filepath.Join(t.TempDir(), "snap")
+			open := func() *Store {
+				sd, err := OpenStateDir(stateD, false)
+				if err != nil {
+					t.Fatal(err)
+				}
+				snap, err := OpenSnapshotDir(snapD)
+				if err != nil {
+					t.Fatal(err)
+				}
+				s := New(OpenStateArena(sd), Options{State: sd, Snapshots: snap, Logger: quiet})
+				t.Cleanup(func() { s.Close() })
+				return s
+			}
+			s := open()
+			p1 := pushSnapshotted(t, s, "p", 1)
+			pushSnapshotted(t, s, "p", 2)
+			want := snapshot(p1)
+			settle(t, p1)
+			if _, err := s.Compress(context.Background(), "p", 1); err != nil {
+				t.Fatal(err)
+			}
+			if !s.snapshotOne("test") {
+				t.Fatal("not moved to the snapshot tier")
+			}
+			checkSnapshotTier(t, p1)
+			crash(s)
+			if gone {
+				if err := os.RemoveAll(filepath.Join(snapD, "p", "1")); err != nil {
+					t.Fatal(err)
+				}
+			}
+			s2 := open()
+			res := s2.Adopt(context.Background())
+			got := s2.Version("p", 1)
+			if gone {
+				if got != nil || !strings.Contains(res.Dropped["p@1"], filepath.Join(snapD, "p", "1")) {
+					t.Fatalf("adopted without its snapshot; dropped %v", res.Dropped)
+				}
+				return
+			}
+			if got == nil {
+				t.Fatalf("not adopted: %v", res.Dropped)
+			}
+			checkSnapshotTier(t, got)
+			restoreAndCheck(t, got, want)
+		})
+	}
+}

@@ -47,9 +47,9 @@ func compressedInState(t *testing.T, s *Store, dir string, v *Version) {
 	t.Fatalf("%s is not in the manifest after its compression", v.Name())
 }
 
-// statePushed pushes a version of m (loaded as m@1 first) on the store's
-// host and waits for its checksums.
-func statePushed(t *testing.T, s *Store) *Version {
+// pushOnHost pushes a version of m (loaded as m@1 first), written on the
+// host, and waits for its checksums.
+func pushOnHost(t *testing.T, s *Store) *Version {
 	t.Helper()
 	base := loadBase(t, s, "m")
 	st, err := s.Stage("m", manifestOf(base), nil, StageOptions{Writer: "pid 1"})
@@ -77,7 +77,7 @@ func TestAdoptCompressed(t *testing.T) {
 			if kind == "loaded" {
 				v = loadBase(t, s, "m")
 			} else {
-				v = statePushed(t, s)
+				v = pushOnHost(t, s)
 			}
 			settle(t, v)
 			want := snapshot(v)

@@ -169,9 +169,15 @@ func (h streamHeader) append(dst []byte) []byte {
 }
 
 func parseStreamHeader(src []byte) (streamHeader, error) {
+	return parseStreamHeaderOf(src, int64(len(src)))
+}
+
+// parseStreamHeaderOf parses the header at the start of src, of a stream of
+// size bytes.
+func parseStreamHeaderOf(src []byte, size int64) (streamHeader, error) {
 	var h streamHeader
-	if len(src) < streamHeaderSize {
-		return h, truncated(-1, int64(len(src)), "the stream header is %d bytes", streamHeaderSize)
+	if len(src) < streamHeaderSize || size < streamHeaderSize {
+		return h, truncated(-1, min(int64(len(src)), size), "the stream header is %d bytes", streamHeaderSize)
 	}
 	if string(src[:4]) != Magic {
 		return h, corrupt(-1, 0, "bad magic %q, want %q", src[:4], Magic)
@@ -194,8 +200,8 @@ func parseStreamHeader(src []byte) (streamHeader, error) {
 	}
 	// Every block takes at least a header, so the count cannot exceed what
 	// the stream can hold: this bounds what a decoder allocates for it.
-	if uint64(h.blocks) > uint64(len(src)-streamHeaderSize)/blockHeaderSize {
-		return h, truncated(-1, int64(len(src)), "%d blocks announced, room for at most %d", h.blocks, (len(src)-streamHeaderSize)/blockHeaderSize)
+	if uint64(h.blocks) > uint64(size-streamHeaderSize)/blockHeaderSize {
+		return h, truncated(-1, size, "%d blocks announced, room for at most %d", h.blocks, (size-streamHeaderSize)/blockHeaderSize)
 	}
 	return h, nil
 }
