@@ -261,20 +261,30 @@ func TestAdoptPushedByChecksum(t *testing.T) {
 	}
 }
 
+// TestAdoptFreshAndMalformed: --fresh, or a malformed manifest, deletes
+// every image and stream (of a version compressed or not) an earlier
+// daemon left.
 func TestAdoptFreshAndMalformed(t *testing.T) {
 	ctx := context.Background()
-	for _, c := range []string{"fresh", "malformed"} {
+	for _, c := range []string{"fresh", "malformed", "fresh compressed", "malformed compressed"} {
 		t.Run(c, func(t *testing.T) {
 			dir := stateDir(t)
 			s, _ := openStateStore(t, dir, false)
-			if _, err := s.Load(ctx, "m", writeShardedFolder(t, 2), LoadOptions{}); err != nil {
+			v, err := s.Load(ctx, "m", writeShardedFolder(t, 2), LoadOptions{})
+			if err != nil {
 				t.Fatal(err)
 			}
+			if strings.HasSuffix(c, "compressed") {
+				compressedInState(t, s, dir, v)
+			}
 			crash(s)
-			if c == "malformed" {
+			if len(images(t, dir)) == 0 {
+				t.Fatal("nothing left by the crash")
+			}
+			if strings.HasPrefix(c, "malformed") {
 				os.WriteFile(filepath.Join(dir, manifestName), []byte("{not json"), 0o600)
 			}
-			s2, res := openStateStore(t, dir, c == "fresh")
+			s2, res := openStateStore(t, dir, strings.HasPrefix(c, "fresh"))
 			if len(res.Adopted) != 0 || s2.Model("m") != nil {
 				t.Fatal("adopted")
 			}

@@ -2,7 +2,6 @@ package store
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -113,24 +112,11 @@ func openSnapshotPacked(dirFD int, name, display string, size int64) (*packedStr
 
 // release unmaps, closes and deletes what p holds; p.mu is held.
 func (p *packedStream) release() error {
-	var errs []error
-	if p.file != nil && p.mem != nil {
-		if err := unmapInPieces(p.mem); err != nil {
-			errs = append(errs, fmt.Errorf("unmap the compressed stream %s: %w", p.file.Name(), err))
-		}
-	}
-	p.mem = nil
+	what, mapped := "a compressed stream", []byte(nil) // a stream on the heap is not mapped
 	if p.file != nil {
-		if err := p.file.Close(); err != nil {
-			errs = append(errs, err)
-		}
-		p.file = nil
+		what, mapped = "the compressed stream "+p.file.Name(), p.mem
 	}
-	if p.arena != nil {
-		p.arena.live.Add(-p.cost)
-		if p.image != "" && p.arena.state != nil {
-			errs = append(errs, p.arena.state.removeImage(p.image))
-		}
-	}
-	return errors.Join(errs...)
+	err := releaseFile(what, mapped, p.file, p.arena, p.cost, p.image)
+	p.mem, p.file = nil, nil
+	return err
 }

@@ -204,25 +204,6 @@ func TestAdoptCompressedDamaged(t *testing.T) {
 	}
 }
 
-// TestCompressedFresh: --fresh deletes the streams a killed daemon left.
-func TestCompressedFresh(t *testing.T) {
-	dir := stateDir(t)
-	s, _ := openStateStore(t, dir, false)
-	v := loadBase(t, s, "m")
-	compressedInState(t, s, dir, v)
-	crash(s)
-	if len(images(t, dir)) == 0 {
-		t.Fatal("no streams left by the crash")
-	}
-	s2, res := openStateStore(t, dir, true)
-	if len(res.Adopted) != 0 || s2.Model("m") != nil {
-		t.Fatal("adopted with --fresh")
-	}
-	if imgs := images(t, dir); len(imgs) != 0 {
-		t.Errorf("files left by --fresh: %v", imgs)
-	}
-}
-
 // TestCompressedUnloadFrees: unloading a compressed version deletes its
 // streams at once.
 func TestCompressedUnloadFrees(t *testing.T) {

@@ -396,13 +396,9 @@ func (c *Codec) DecodePrefixAt(dst []byte, r io.ReaderAt, size int64) error {
 		if err := readStreamAt(r, bh[:], off, size); err != nil {
 			return err
 		}
-		hdr, err := parseBlockHeader(bh[:], i, off)
+		hdr, start, err := blockAt(bh[:], i, off, size)
 		if err != nil {
 			return err
-		}
-		start := off + blockHeaderSize
-		if int64(hdr.encLen) > size-start {
-			return truncated(i, size, "payload of %d bytes from byte %d", hdr.encLen, start)
 		}
 		b := block{blockHeader: hdr, index: i, off: off, payload: make([]byte, hdr.encLen), rawOff: raw}
 		if err := readStreamAt(r, b.payload, start, size); err != nil {

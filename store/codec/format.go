@@ -263,6 +263,21 @@ func parseBlockHeader(src []byte, i int, off int64) (blockHeader, error) {
 	return h, nil
 }
 
+// blockAt parses the header of block i, at stream offset off (src holds
+// its bytes), of a stream of size bytes, and returns it with the offset of
+// its payload, checked to lie inside the stream.
+func blockAt(src []byte, i int, off, size int64) (blockHeader, int64, error) {
+	bh, err := parseBlockHeader(src, i, off)
+	if err != nil {
+		return bh, 0, err
+	}
+	start := off + blockHeaderSize
+	if int64(bh.encLen) > size-start {
+		return bh, 0, truncated(i, size, "payload of %d bytes from byte %d", bh.encLen, start)
+	}
+	return bh, start, nil
+}
+
 // block is one block found by scanning a stream.
 type block struct {
 	blockHeader
@@ -283,13 +298,9 @@ func scan(src []byte) (streamHeader, []block, error) {
 	off := int64(streamHeaderSize)
 	var raw int64
 	for i := 0; i < int(h.blocks); i++ {
-		bh, err := parseBlockHeader(src[off:], i, off)
+		bh, start, err := blockAt(src[off:], i, off, int64(len(src)))
 		if err != nil {
 			return h, nil, err
-		}
-		start := off + blockHeaderSize
-		if int64(bh.encLen) > int64(len(src))-start {
-			return h, nil, truncated(i, int64(len(src)), "payload of %d bytes from byte %d", bh.encLen, start)
 		}
 		blocks = append(blocks, block{blockHeader: bh, index: i, off: off, payload: src[start : start+int64(bh.encLen)], rawOff: raw})
 		raw += int64(bh.rawLen)
