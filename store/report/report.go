@@ -174,10 +174,11 @@ func Progress(w io.Writer, what string) (progress func(done, total int64), done 
 }
 
 // Served is the daemon's line for a --model it loaded and serves under
-// mountpoint, on the host and gpus GPUs.
+// mountpoint, on the host and gpus GPUs (or, adopted after a crash, in the
+// compressed or snapshot tier, without GPU copies).
 func Served(w io.Writer, mountpoint string, v *store.Version, gpus int) {
-	where := "host"
-	if gpus > 0 && v.GPUError() == nil {
+	where := v.Tier()
+	if where == store.TierHost && gpus > 0 && v.GPUError() == nil {
 		where = fmt.Sprintf("host + %d GPU", gpus)
 	}
 	secs := v.LoadTime().Seconds()
