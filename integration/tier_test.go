@@ -26,19 +26,23 @@ func writeTrainedModel(t *testing.T, dir string, mib int, seed uint64) {
 	writeFile(t, filepath.Join(dir, "config.json"), `{"model_type": "llama"}`)
 }
 
+// twoTrainedModels writes two 12 MiB trained models (seeds seed and
+// seed+1) and returns their folders and the first one's bytes.
+func twoTrainedModels(t *testing.T, seed uint64) (src1, src2 string, want1 map[string][]byte) {
+	t.Helper()
+	src1, src2 = t.TempDir(), t.TempDir()
+	writeTrainedModel(t, src1, 12, seed)
+	writeTrainedModel(t, src2, 12, seed+1)
+	return src1, src2, sourceBytes(t, src1)
+}
+
 // TestDaemonCompressIdle: with --compress-idle and a host budget (23 MiB)
 // below two 12 MiB models, loading the second compresses the first (nobody
 // has it open; about 8 MiB compressed) instead of refusing; once the second
 // is unloaded, reading the first through the mount restores it, byte for
 // byte.
 func TestDaemonCompressIdle(t *testing.T) {
-	src1, src2 := t.TempDir(), t.TempDir()
-	writeTrainedModel(t, src1, 12, 31)
-	writeTrainedModel(t, src2, 12, 32)
-	want := map[string][]byte{}
-	for rel, p := range sourceFiles(t, src1) {
-		want[rel] = mustRead(t, p)
-	}
+	src1, src2, want := twoTrainedModels(t, 31)
 	c := startControl(t, "--model", "a="+src1, "--host-memory", "23Mi", "--compress-idle")
 	tier := func(name string) string {
 		t.Helper()
@@ -82,13 +86,7 @@ func TestDaemonCompressIdle(t *testing.T) {
 // room, reading it through the mount restores it byte for byte.
 func TestDaemonCompressedAfterKill(t *testing.T) {
 	requireFUSE(t)
-	src1, src2 := t.TempDir(), t.TempDir()
-	writeTrainedModel(t, src1, 12, 41)
-	writeTrainedModel(t, src2, 12, 42)
-	want := map[string][]byte{}
-	for rel, p := range sourceFiles(t, src1) {
-		want[rel] = mustRead(t, p)
-	}
+	src1, src2, want := twoTrainedModels(t, 41)
 	mnt, sock, state := t.TempDir(), filepath.Join(t.TempDir(), "control.sock"), testStateDir(t)
 	args := []string{"--model", "a=" + src1, "--host-memory", "23Mi", "--compress-idle", "--state-dir", state}
 	first := startControlAt(t, mnt, sock, args...)
