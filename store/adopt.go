@@ -79,10 +79,14 @@ func (s *Store) Adopt(ctx context.Context) AdoptResult {
 				continue
 			}
 			for _, f := range v.files {
-				kept[f.buf.image] = true
+				if f.buf != nil {
+					kept[f.buf.image] = true
+				} else {
+					kept[f.packed.image] = true
+				}
 			}
 			adopted = append(adopted, v)
-			s.log.Info("adopted", "version", name, "files", len(v.files), "bytes", v.bytes,
+			s.log.Info("adopted", "version", name, "tier", v.Tier(), "files", len(v.files), "bytes", v.bytes,
 				"seconds", time.Since(start).Seconds(), "source", v.source)
 		}
 		last := mm.LastNumber
@@ -108,7 +112,7 @@ func (s *Store) adoptVersion(ctx context.Context, model string, mv manifestVersi
 		}
 	}
 	err = s.listedVersion(ctx, v, mv.Dirs, len(mv.Files), func(i int) (*File, error) {
-		return s.adoptFile(mv.Files[i])
+		return s.adoptFile(model, mv.Number, mv.Files[i])
 	})
 	if err != nil {
 		return nil, err
@@ -187,8 +191,23 @@ func (s *Store) listedVersion(ctx context.Context, v *Version, dirs []manifestDi
 	}
 	sort.Slice(v.files, func(i, j int) bool { return v.files[i].path < v.files[j].path })
 	s.fileTree(v.root, v.files, func(rel string) attrs { return dirAttrsOr(attrsOf, rel) })
-	if gpus := s.gpus.List(); len(gpus) > 0 {
-		v.gpuErr = s.adoptReplicas(v)
+	packed := 0
+	for _, f := range v.files {
+		if f.buf == nil {
+			packed++
+		}
+	}
+	switch {
+	case packed == 0:
+		if gpus := s.gpus.List(); len(gpus) > 0 {
+			v.gpuErr = s.adoptReplicas(v)
+		}
+	case packed < len(v.files):
+		return fmt.Errorf("%d of its %d files are compressed, the others not (a crash during a tier move)", packed, len(v.files))
+	default:
+		// The compressed tier, without GPU replicas (there is no host
+		// image to upload from): the restore on its next open serves it.
+		v.use.compressed = true
 	}
 	return nil
 }
@@ -218,9 +237,23 @@ func checkManifestFile(mf manifestFile, seen map[string]bool) error {
 	if err := checkListedPath("the manifest", mf.Path, seen); err != nil {
 		return err
 	}
+	image := mf.Image
+	switch mf.Tier {
+	case "":
+	case TierCompressed, TierSnapshot:
+		image = mf.Packed
+		if mf.Tier == TierSnapshot {
+			image = mf.Snapshot
+		}
+		if mf.Image != "" || mf.PackedSize < 0 {
+			return fmt.Errorf("file %s: %s with image %q and %d stream bytes in the manifest", mf.Path, mf.Tier, mf.Image, mf.PackedSize)
+		}
+	default:
+		return fmt.Errorf("file %s: tier %q in the manifest", mf.Path, mf.Tier)
+	}
 	switch {
-	case mf.Image == "" || strings.ContainsAny(mf.Image, "/\x00") || mf.Image == "." || mf.Image == "..":
-		return fmt.Errorf("file %s: image name %q in the manifest is not a plain file name", mf.Path, mf.Image)
+	case !plainName(image):
+		return fmt.Errorf("file %s: image name %q in the manifest is not a plain file name", mf.Path, image)
 	case mf.Size < 0:
 		return fmt.Errorf("file %s: size %d in the manifest", mf.Path, mf.Size)
 	case mf.Kind != Plain.String() && mf.Kind != Weights.String():
@@ -229,8 +262,16 @@ func checkManifestFile(mf manifestFile, seen map[string]bool) error {
 	return nil
 }
 
-// adoptFile checks one file's source and maps its image.
-func (s *Store) adoptFile(mf manifestFile) (*File, error) {
+// plainName: name is a file name without a folder.
+func plainName(name string) bool {
+	return name != "" && !strings.ContainsAny(name, "/\x00") && name != "." && name != ".."
+}
+
+// adoptFile checks one file's source and maps its image, or opens its
+// stream in the compressed or snapshot tier (checked by its headers and
+// length; its XXH3 is checked when it is restored). model and number are
+// its version's.
+func (s *Store) adoptFile(model string, number int, mf manifestFile) (*File, error) {
 	var want uint64
 	byID := mf.Source != "" && mf.SourceID != nil // else a pushed file: by checksum
 	if byID {
@@ -250,18 +291,37 @@ func (s *Store) adoptFile(mf manifestFile) (*File, error) {
 			return nil, fmt.Errorf("pushed file %s: checksum %q in the manifest: %w", mf.Path, mf.XXH3, err)
 		}
 	}
-	buf, err := s.arena.adoptBuffer(mf.Image, mf.Path, mf.Size)
+	f := &File{name: path.Base(mf.Path), path: mf.Path, kind: Plain, source: mf.Source,
+		attrs: mf.manifestAttrs.attrs(0o444)}
+	var err error
+	if mf.Tier != "" {
+		// A version is compressed after its checksums: the restore checks
+		// its bytes against them.
+		if _, err := strconv.ParseUint(mf.XXH3, 16, 64); err != nil {
+			return nil, fmt.Errorf("%s file %s: no valid checksum was recorded (%q)", mf.Tier, mf.Path, mf.XXH3)
+		}
+		f.rawSize = mf.Size
+	}
+	switch mf.Tier {
+	case TierCompressed:
+		f.packed, err = s.arena.adoptPacked(mf.Packed, mf.Path, mf.PackedSize, mf.Size)
+	case TierSnapshot:
+		f.packed, err = s.adoptSnapshotStream(model, number, mf.Snapshot, mf.PackedSize, mf.Size)
+	default:
+		f.buf, err = s.arena.adoptBuffer(mf.Image, mf.Path, mf.Size)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("file %s: %w", mf.Path, err)
 	}
-	f := &File{name: path.Base(mf.Path), path: mf.Path, kind: Plain, source: mf.Source, buf: buf,
-		attrs: mf.manifestAttrs.attrs(0o444)}
 	fail := func(err error) (*File, error) {
-		buf.Close()
+		f.packed.close()
+		if f.buf != nil {
+			f.buf.Close()
+		}
 		return nil, err
 	}
-	if !byID {
-		sum, err := hashImage(context.Background(), buf.Bytes())
+	if !byID && f.buf != nil {
+		sum, err := hashImage(context.Background(), f.buf.Bytes())
 		if err != nil {
 			return fail(err)
 		}
@@ -281,9 +341,14 @@ func (s *Store) adoptFile(mf manifestFile) (*File, error) {
 		}
 	}
 	if mf.Kind == Weights.String() {
-		h, err := safetensors.Parse(buf.Bytes())
+		var h *safetensors.Header
+		if f.buf != nil {
+			h, err = safetensors.Parse(f.buf.Bytes())
+		} else {
+			h, err = f.packed.header(mf.Size)
+		}
 		if err != nil {
-			return fail(fmt.Errorf("file %s: the header in its image: %w", mf.Path, err))
+			return fail(fmt.Errorf("file %s: the header in its %s: %w", mf.Path, map[bool]string{true: "image", false: "stream"}[f.buf != nil], err))
 		}
 		f.kind, f.header = Weights, h
 	}

@@ -43,15 +43,24 @@ func crash(s *Store) {
 	for _, v := range s.allVersionsLocked() {
 		v.stopBackground()
 		for _, f := range v.files {
-			f.buf.image = "" // Close keeps the file
-			f.buf.Close()
+			if f.buf != nil {
+				f.buf.image = "" // Close keeps the file
+				f.buf.Close()
+			}
+			if f.packed != nil {
+				f.packed.image = "" // likewise
+				f.packed.close()
+			}
 		}
 	}
 	s.models, s.closed = nil, true
-	sd := s.state
-	s.state = nil
+	sd, snap := s.state, s.snap
+	s.state, s.snap = nil, nil
 	s.mu.Unlock()
 	sd.closeFDs()
+	if snap != nil {
+		snap.close() // its lock
+	}
 }
 
 func images(t *testing.T, dir string) []string {
@@ -215,16 +224,7 @@ func TestAdoptPushedByChecksum(t *testing.T) {
 			ctx := context.Background()
 			dir := stateDir(t)
 			s, _ := openStateStore(t, dir, false)
-			base := loadBase(t, s, "m")
-			st, err := s.Stage("m", manifestOf(base), nil, StageOptions{Writer: "pid 1"})
-			if err != nil {
-				t.Fatal(err)
-			}
-			writeAll(t, st, pushData(t, st, 5))
-			v, err := st.Commit(ctx)
-			if err != nil {
-				t.Fatal(err)
-			}
+			v := pushOnHost(t, s)
 			for _, f := range v.Files() {
 				if _, err := f.WaitChecksum(ctx); err != nil {
 					t.Fatal(err)
@@ -261,20 +261,30 @@ func TestAdoptPushedByChecksum(t *testing.T) {
 	}
 }
 
+// TestAdoptFreshAndMalformed: --fresh, or a malformed manifest, deletes
+// every image and stream (of a version compressed or not) an earlier
+// daemon left.
 func TestAdoptFreshAndMalformed(t *testing.T) {
 	ctx := context.Background()
-	for _, c := range []string{"fresh", "malformed"} {
+	for _, c := range []string{"fresh", "malformed", "fresh compressed", "malformed compressed"} {
 		t.Run(c, func(t *testing.T) {
 			dir := stateDir(t)
 			s, _ := openStateStore(t, dir, false)
-			if _, err := s.Load(ctx, "m", writeShardedFolder(t, 2), LoadOptions{}); err != nil {
+			v, err := s.Load(ctx, "m", writeShardedFolder(t, 2), LoadOptions{})
+			if err != nil {
 				t.Fatal(err)
 			}
+			if strings.HasSuffix(c, "compressed") {
+				compressedInState(t, s, dir, v)
+			}
 			crash(s)
-			if c == "malformed" {
+			if len(images(t, dir)) == 0 {
+				t.Fatal("nothing left by the crash")
+			}
+			if strings.HasPrefix(c, "malformed") {
 				os.WriteFile(filepath.Join(dir, manifestName), []byte("{not json"), 0o600)
 			}
-			s2, res := openStateStore(t, dir, c == "fresh")
+			s2, res := openStateStore(t, dir, strings.HasPrefix(c, "fresh"))
 			if len(res.Adopted) != 0 || s2.Model("m") != nil {
 				t.Fatal("adopted")
 			}

@@ -143,7 +143,8 @@ const TierDropped = "dropped"
 // SOURCE"), or why v cannot be dropped: only a loaded version whose source
 // files are all still what was read (same inode, size, mtime, ctime) can
 // be re-loaded as it was. A pushed version is never dropped: its snapshot
-// (if any) is loaded at a start only when it is the model's newest.
+// (if any) is loaded at a start only when it is the model's newest; it
+// moves to the snapshot tier instead (snaptier.go).
 func (v *Version) reloadCommand() (string, error) {
 	if v.isPushed() || v.source == "" {
 		return "", fmt.Errorf("drop %s: it was pushed, it has no source to re-load it from", v.Name())

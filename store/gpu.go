@@ -109,17 +109,12 @@ type replica struct {
 	size   int64
 }
 
-// Residency lists where the file is: "host" (or "compressed"), then each
-// GPU's UUID.
+// Residency lists where the file is: "host" (or "compressed", "snapshot"),
+// then each GPU's UUID.
 func (f *File) Residency() []string {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	out := []string{TierHost}
-	f.tmu.RLock()
-	if f.buf == nil && f.packed != nil { // nil both: freed
-		out[0] = TierCompressed
-	}
-	f.tmu.RUnlock()
+	out := []string{f.tier()}
 	for _, r := range f.replicas {
 		out = append(out, r.gpu.UUID())
 	}

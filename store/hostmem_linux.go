@@ -322,21 +322,32 @@ func (b *Buffer) File() *os.File { return b.file }
 func (b *Buffer) Close() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	err := releaseFile("host image", b.mem, b.file, b.arena, b.cost.Load(), b.image)
+	b.mem, b.file = nil, nil
+	return err
+}
+
+// releaseFile frees a memory-backed file: unmaps mapped (if not nil),
+// closes file and, if there is one, takes cost off arena's live memory and
+// deletes image (a name in the state directory's images folder, or "").
+// what names the file in errors.
+func releaseFile(what string, mapped []byte, file *os.File, arena *Arena, cost int64, image string) error {
 	var errs []error
-	if b.mem != nil {
-		if err := unmapInPieces(b.mem); err != nil {
-			errs = append(errs, fmt.Errorf("unmap host image: %w", err))
+	if mapped != nil {
+		if err := unmapInPieces(mapped); err != nil {
+			errs = append(errs, fmt.Errorf("unmap %s: %w", what, err))
 		}
-		b.mem = nil
 	}
-	if b.file != nil {
-		if err := b.file.Close(); err != nil {
-			errs = append(errs, err)
-		}
-		b.file = nil
-		b.arena.live.Add(-b.cost.Load())
-		if b.image != "" && b.arena.state != nil {
-			errs = append(errs, b.arena.state.removeImage(b.image))
+	if file == nil {
+		return errors.Join(errs...)
+	}
+	if err := file.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	if arena != nil {
+		arena.live.Add(-cost)
+		if image != "" && arena.state != nil {
+			errs = append(errs, arena.state.removeImage(image))
 		}
 	}
 	return errors.Join(errs...)

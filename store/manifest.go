@@ -11,7 +11,8 @@ import (
 // The manifest, DIR/state.json, says what the host images in DIR/images are:
 // which version of which model, from which source files as they were when
 // they were read. It is rewritten atomically after every commit, unload,
-// rollback and retention drop, and once a version's checksums are known.
+// rollback and retention drop, compression and restore, and once a
+// version's checksums are known.
 
 // manifestFormat is the manifest's format number; another one is ignored.
 const manifestFormat = 1
@@ -49,11 +50,20 @@ type manifestAttrs struct {
 }
 
 type manifestFile struct {
-	Path   string `json:"path"`
-	Kind   string `json:"kind"`
-	Size   int64  `json:"size"`
-	Image  string `json:"image"`
-	Source string `json:"source,omitempty"` // "": pushed, adopted by checksum
+	Path string `json:"path"`
+	Kind string `json:"kind"`
+	Size int64  `json:"size"`
+	// Image is the host image's name in DIR/images (the host tier).
+	Image string `json:"image,omitempty"`
+	// Tier is "" (the host tier), "compressed" (Packed is the name in
+	// DIR/images of the file's codec stream) or "snapshot" (Snapshot is
+	// the name of its data file in the version's snapshot folder); the
+	// stream is PackedSize bytes.
+	Tier       string `json:"tier,omitempty"`
+	Packed     string `json:"packed,omitempty"`
+	Snapshot   string `json:"snapshot,omitempty"`
+	PackedSize int64  `json:"packed_size,omitempty"`
+	Source     string `json:"source,omitempty"` // "": pushed, adopted by checksum
 	// SourceID is the source's identity when it was read.
 	SourceID *manifestID `json:"source_id,omitempty"`
 	XXH3     string      `json:"xxh3,omitempty"`
@@ -109,7 +119,7 @@ func (s *Store) manifestLocked() stateManifest {
 				mm.Current = m.current.number
 			}
 			for _, v := range m.versions {
-				if mv, ok := v.manifest(); ok { // a compressed one has no images: a crash loses it
+				if mv, ok := v.manifest(); ok { // see manifest for the ones not named
 					mm.Versions = append(mm.Versions, mv)
 				}
 			}
@@ -135,12 +145,20 @@ func (v *Version) manifest() (manifestVersion, bool) {
 	}
 	walk(".", v.root)
 	for _, f := range v.files {
-		b := f.image()
-		if b == nil {
-			return mv, false
+		f.tmu.RLock()
+		b, p, raw := f.buf, f.packed, f.rawSize
+		f.tmu.RUnlock()
+		mf := manifestFile{Path: f.path, Kind: f.kind.String(), Source: f.source, manifestAttrs: toAttrs(f.attrs)}
+		switch {
+		case b != nil:
+			mf.Size, mf.Image = b.Size(), b.image
+		case p != nil && p.image != "":
+			mf.Size, mf.Tier, mf.Packed, mf.PackedSize = raw, TierCompressed, p.image, p.Size()
+		case p != nil && p.snapshot != "":
+			mf.Size, mf.Tier, mf.Snapshot, mf.PackedSize = raw, TierSnapshot, p.snapshot, p.Size()
+		default:
+			return mv, false // freed
 		}
-		mf := manifestFile{Path: f.path, Kind: f.kind.String(), Size: b.Size(), Image: b.image, Source: f.source,
-			manifestAttrs: toAttrs(f.attrs)}
 		if f.source != "" && f.hasSrcID {
 			mf.SourceID = toID(f.srcID)
 		}

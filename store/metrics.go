@@ -75,6 +75,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.tierMoves, prometheus.CounterValue, float64(c.s.moveRestore.Load()), TierCompressed, TierHost)
 		ch <- prometheus.MustNewConstMetric(c.tierMoves, prometheus.CounterValue, float64(c.s.moveGPU.Load()), TierGPUReplica, TierHost)
 		ch <- prometheus.MustNewConstMetric(c.tierMoves, prometheus.CounterValue, float64(c.s.moveDrop.Load()), TierCompressed, TierDropped)
+		if c.s.snap != nil {
+			ch <- prometheus.MustNewConstMetric(c.tierMoves, prometheus.CounterValue, float64(c.s.moveSnapshot.Load()), TierCompressed, TierSnapshot)
+			ch <- prometheus.MustNewConstMetric(c.tierMoves, prometheus.CounterValue, float64(c.s.restoreSnapshot.Load()), TierSnapshot, TierHost)
+		}
 	}
 	if c.s.snap != nil {
 		counter := func(d *prometheus.Desc, v int64, labels ...string) {

@@ -166,6 +166,11 @@ func (s *Store) snapshotVersion(ctx context.Context, v *Version) (raw, written i
 		sf := snapshotFile{Path: f.path, Kind: f.kind.String(), Size: f.Size(), XXH3: FormatChecksum(sum),
 			Encoding: encodingRaw, manifestAttrs: toAttrs(f.attrs)}
 		data := f.Bytes()
+		if data == nil && sf.Size > 0 {
+			// Adopted in the compressed tier after a crash (its snapshot
+			// failed before), or restored meanwhile: not written now.
+			return 0, 0, fmt.Errorf("%s: it is not in the host tier", f.path)
+		}
 		if f.kind == Weights {
 			enc, err := c.EncodeSafetensors(ctx, make([]byte, 0, encodeBound(len(data))), data, checksumWorkers())
 			if err != nil {
@@ -215,6 +220,15 @@ func (s *Store) snapshotVersion(ctx context.Context, v *Version) (raw, written i
 
 // pruneSnapshots keeps the newest --keep-versions snapshots of model (all
 // of them with 0) and deletes the older ones.
+//
+// A version served from the snapshot tier (snaptier.go) holds its data
+// files open, and deleting them is safe: on Linux an unlinked file lives
+// until its last descriptor closes, so its restore reads the same bytes
+// and its disk space comes back when it leaves the tier (a restore, an
+// unload). Keeping such snapshots instead would break the rule that
+// retention counts snapshots, not what is served, and would leave their
+// deletion to whoever frees the version. Once deleted, the version is not
+// moved to the snapshot tier again (there is no snapshot to move to).
 func (s *Store) pruneSnapshots(model string) {
 	if s.keep <= 0 {
 		return

@@ -134,19 +134,9 @@ func (s *Store) loadSnapshot(ctx context.Context, modelFD int, name string, n in
 		return nil, fmt.Errorf("open %s (a symlink is refused): %w", dir, err)
 	}
 	defer unix.Close(fd)
-	js, err := readFileAt(fd, snapshotManifest, filepath.Join(dir, snapshotManifest), maxSnapshotManifest)
+	sv, err := readSnapshotVersion(fd, dir, name, n)
 	if err != nil {
 		return nil, err
-	}
-	var sv snapshotVersion
-	if err := json.Unmarshal(js, &sv); err != nil {
-		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, snapshotManifest), err)
-	}
-	switch {
-	case sv.Format != snapshotFormat:
-		return nil, fmt.Errorf("%s: format %d, want %d", filepath.Join(dir, snapshotManifest), sv.Format, snapshotFormat)
-	case sv.Model != name || sv.Number != n:
-		return nil, fmt.Errorf("%s names %s@%d, not %s@%d", filepath.Join(dir, snapshotManifest), sv.Model, sv.Number, name, n)
 	}
 	v := &Version{source: sv.Source, number: n, loadedAt: sv.LoadedAt}
 	c := codec.New(codec.Options{NoZstd: true})
@@ -168,27 +158,57 @@ func (s *Store) loadSnapshot(ctx context.Context, modelFD int, name string, n in
 	return v, nil
 }
 
-// loadSnapshotFile decodes one file of a snapshot into a new host image and
-// checks it.
-func (s *Store) loadSnapshotFile(ctx context.Context, c *codec.Codec, dirFD int, dir string, sf snapshotFile) (*File, error) {
+// readSnapshotVersion reads the version.json of the snapshot folder fd
+// (dir), which must be version n of model name.
+func readSnapshotVersion(fd int, dir, name string, n int) (snapshotVersion, error) {
+	var sv snapshotVersion
+	js, err := readFileAt(fd, snapshotManifest, filepath.Join(dir, snapshotManifest), maxSnapshotManifest)
+	if err != nil {
+		return sv, err
+	}
+	if err := json.Unmarshal(js, &sv); err != nil {
+		return sv, fmt.Errorf("%s: %w", filepath.Join(dir, snapshotManifest), err)
+	}
+	switch {
+	case sv.Format != snapshotFormat:
+		return sv, fmt.Errorf("%s: format %d, want %d", filepath.Join(dir, snapshotManifest), sv.Format, snapshotFormat)
+	case sv.Model != name || sv.Number != n:
+		return sv, fmt.Errorf("%s names %s@%d, not %s@%d", filepath.Join(dir, snapshotManifest), sv.Model, sv.Number, name, n)
+	}
+	return sv, nil
+}
+
+// check refuses a file entry of version.json that cannot be one of a
+// snapshot, and returns its XXH3.
+func (sf snapshotFile) check() (uint64, error) {
 	switch {
 	case sf.Data == "" || strings.ContainsAny(sf.Data, "/\x00") || strings.HasPrefix(sf.Data, "."):
-		return nil, fmt.Errorf("file %s: data file name %q in %s is not a plain file name", sf.Path, sf.Data, snapshotManifest)
+		return 0, fmt.Errorf("file %s: data file name %q in %s is not a plain file name", sf.Path, sf.Data, snapshotManifest)
 	case sf.Size < 0 || sf.EncodedSize < 0:
-		return nil, fmt.Errorf("file %s: size %d, encoded size %d in %s", sf.Path, sf.Size, sf.EncodedSize, snapshotManifest)
+		return 0, fmt.Errorf("file %s: size %d, encoded size %d in %s", sf.Path, sf.Size, sf.EncodedSize, snapshotManifest)
 	case sf.Kind != Plain.String() && sf.Kind != Weights.String():
-		return nil, fmt.Errorf("file %s: kind %q in %s", sf.Path, sf.Kind, snapshotManifest)
+		return 0, fmt.Errorf("file %s: kind %q in %s", sf.Path, sf.Kind, snapshotManifest)
 	case sf.Encoding != encodingRaw && sf.Encoding != encodingCodec:
-		return nil, fmt.Errorf("file %s: encoding %q in %s", sf.Path, sf.Encoding, snapshotManifest)
+		return 0, fmt.Errorf("file %s: encoding %q in %s", sf.Path, sf.Encoding, snapshotManifest)
 	}
 	want, err := strconv.ParseUint(sf.XXH3, 16, 64)
 	if err != nil {
-		return nil, fmt.Errorf("file %s: checksum %q in %s: %w", sf.Path, sf.XXH3, snapshotManifest, err)
+		return 0, fmt.Errorf("file %s: checksum %q in %s: %w", sf.Path, sf.XXH3, snapshotManifest, err)
+	}
+	if sf.Encoding == encodingRaw && sf.EncodedSize != sf.Size {
+		return 0, fmt.Errorf("file %s: raw, but its size %d and encoded size %d in %s differ", sf.Path, sf.Size, sf.EncodedSize, snapshotManifest)
+	}
+	return want, nil
+}
+
+// loadSnapshotFile decodes one file of a snapshot into a new host image and
+// checks it.
+func (s *Store) loadSnapshotFile(ctx context.Context, c *codec.Codec, dirFD int, dir string, sf snapshotFile) (*File, error) {
+	want, err := sf.check()
+	if err != nil {
+		return nil, err
 	}
 	display := filepath.Join(dir, sf.Data)
-	if sf.Encoding == encodingRaw && sf.EncodedSize != sf.Size {
-		return nil, fmt.Errorf("file %s: raw, but its size %d and encoded size %d in %s differ", sf.Path, sf.Size, sf.EncodedSize, snapshotManifest)
-	}
 	buf, err := s.arena.NewBuffer(sf.Path, sf.Size)
 	if err != nil {
 		return nil, fmt.Errorf("file %s: %w", sf.Path, err)

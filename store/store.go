@@ -71,9 +71,12 @@ type Store struct {
 	moves                     sync.WaitGroup
 	moveCompress, moveRestore atomic.Int64
 	// moveGPU and moveDrop count GPU replicas freed and compressed versions
-	// dropped by eviction (store/evict.go).
-	moveGPU, moveDrop atomic.Int64
-	compressIdle      bool
+	// dropped by eviction (store/evict.go); moveSnapshot versions moved to
+	// the snapshot tier (snaptier.go), restoreSnapshot those restored
+	// from it (moveRestore counts the compressed tier's).
+	moveGPU, moveDrop             atomic.Int64
+	moveSnapshot, restoreSnapshot atomic.Int64
+	compressIdle                  bool
 }
 
 // ReservedInos are inode numbers the store never hands out: 1 is the mount's
@@ -115,9 +118,10 @@ type Options struct {
 	// CompressIdle lets a load, push or restore refused for memory evict
 	// before it gives up, least recently used first: GPU replicas of idle
 	// non-current versions for GPU memory; for host memory, idle versions
-	// to the compressed tier, then compressed non-current versions that
-	// can be re-loaded off the mount (tier.go, evict.go). Off: refused as
-	// before.
+	// to the compressed tier, then compressed pushed versions whose
+	// snapshot is on disk to the snapshot tier, then compressed
+	// non-current versions that can be re-loaded off the mount (tier.go,
+	// snaptier.go, evict.go). Off: refused as before.
 	CompressIdle bool
 }
 
@@ -455,7 +459,8 @@ func (v *Version) Bytes() int64 { return v.bytes }
 
 // HostBytes is the host memory the version takes: each file's size rounded
 // up to the pages it is kept in (Bytes is the files' sizes), or in the
-// compressed tier its stream's size.
+// compressed tier its stream's size (a stream in the snapshot tier is in the
+// page cache: it counts nothing).
 func (v *Version) HostBytes() int64 {
 	var n int64
 	for _, f := range v.files {
@@ -463,7 +468,9 @@ func (v *Version) HostBytes() int64 {
 		if f.buf != nil {
 			n += f.buf.Cost()
 		}
-		n += int64(len(f.packed))
+		if f.packed != nil && f.packed.resident() {
+			n += f.packed.Size()
+		}
 		f.tmu.RUnlock()
 	}
 	return n
@@ -488,8 +495,12 @@ func (v *Version) free() error {
 		}
 		f.tmu.Lock()
 		b := f.buf // kept: a freed version still says what it took
+		p := f.packed
 		f.packed = nil
 		f.tmu.Unlock()
+		if err := p.close(); err != nil {
+			errs = append(errs, fmt.Errorf("free %s/%s: %w", v.Name(), f.path, err))
+		}
 		if b == nil {
 			continue // compressed
 		}
@@ -558,14 +569,15 @@ type File struct {
 	header *safetensors.Header
 	attrs  attrs // owner, group and permission bits (store/source.go)
 
-	// buf is the host image (nil in the compressed tier, where packed is
-	// the codec stream of rawSize bytes). Set before the version is
-	// visible; after that only a tier move (tier.go) or free swaps them,
-	// under tmu, and nobody reads buf but through image() or while the
-	// version is open (a move never swaps an open version's image).
+	// buf is the host image (nil in the compressed and snapshot tiers,
+	// where packed is the codec stream of rawSize bytes, packed.go). Set
+	// before the version is visible; after that only a tier move (tier.go)
+	// or free swaps them, under tmu, and nobody reads buf but through
+	// image() or while the version is open (a move never swaps an open
+	// version's image).
 	tmu     sync.RWMutex
 	buf     *Buffer
-	packed  []byte
+	packed  *packedStream
 	rawSize int64
 
 	// Set while loading, cleared when the version is freed.

@@ -1,7 +1,6 @@
 package store
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -16,27 +15,53 @@ import (
 // Host memory tiers of a version (docs/ARCHITECTURE.md, "Tiers").
 const (
 	// TierCompressed: the host images are freed; each file is kept as a
-	// codec stream in the daemon's heap and restored on its next open.
+	// codec stream (in the state directory's images folder, or the
+	// daemon's heap without one) and restored on its next open.
 	TierCompressed = "compressed"
+	// TierSnapshot: a compressed pushed version whose weights files'
+	// streams were dropped for the same streams in its snapshot on disk
+	// (evict.go): restored from there on its next open.
+	TierSnapshot = "snapshot"
 )
 
-// Tier is TierHost or TierCompressed.
+// Tier is TierHost, TierCompressed or TierSnapshot.
 func (v *Version) Tier() string {
 	v.use.mu.Lock()
 	defer v.use.mu.Unlock()
-	if v.use.compressed {
-		return TierCompressed
+	if !v.use.compressed {
+		return TierHost
 	}
-	return TierHost
+	for _, f := range v.files {
+		if f.tier() == TierSnapshot {
+			return TierSnapshot
+		}
+	}
+	return TierCompressed
 }
 
-// CompressedBytes is the size of the version's codec streams (0 in the
-// host tier).
+// tier is where f's bytes are: TierHost (a host image, or nothing once
+// freed), TierCompressed or TierSnapshot.
+func (f *File) tier() string {
+	f.tmu.RLock()
+	defer f.tmu.RUnlock()
+	switch {
+	case f.buf != nil || f.packed == nil:
+		return TierHost
+	case !f.packed.resident():
+		return TierSnapshot
+	}
+	return TierCompressed
+}
+
+// CompressedBytes is the size of the version's codec streams, in memory
+// or in its snapshot (0 in the host tier).
 func (v *Version) CompressedBytes() int64 {
 	var n int64
 	for _, f := range v.files {
 		f.tmu.RLock()
-		n += int64(len(f.packed))
+		if f.packed != nil {
+			n += f.packed.Size()
+		}
 		f.tmu.RUnlock()
 	}
 	return n
@@ -163,68 +188,91 @@ func (s *Store) compress(ctx context.Context, v *Version, reason string) error {
 	}
 	defer s.moves.Done()
 	start := time.Now()
-	freed, packed, err := s.compressFiles(ctx, v)
+	images, packed, err := s.compressFiles(ctx, v)
 	s.endMove(v, ch, nil)
 	if err != nil {
 		return err
 	}
 	s.moveCompress.Add(1)
-	s.saveState() // the manifest names host images only
+	// The manifest names the streams before the images go: a crash in
+	// between finds one or the other.
+	s.saveState()
+	var freed int64
+	var errs []error
+	for i, b := range images {
+		freed += b.Cost()
+		if err := b.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("free the host image of %s/%s: %w", v.Name(), v.files[i].path, err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		s.log.Error("compress: freeing host images", "version", v.Name(), "err", err)
+	}
 	s.log.Info("evicted", "version", v.Name(), "from", TierHost, "to", TierCompressed, "bytes_freed", freed,
 		"compressed_bytes", packed, "seconds", time.Since(start).Seconds(), "reason", reason)
 	return nil
 }
 
 // compressFiles encodes v's files and, if nothing opened v meanwhile,
-// swaps their host images for the streams. It returns the host memory
-// freed and the streams' size.
-func (s *Store) compressFiles(ctx context.Context, v *Version) (freed, packed int64, err error) {
+// swaps their host images for the streams. It returns the host images,
+// unpinned, for the caller to free, and the streams' size.
+func (s *Store) compressFiles(ctx context.Context, v *Version) (images []*Buffer, packed int64, err error) {
 	c := codec.New(codec.Options{})
 	defer c.Close()
 	workers := runtime.GOMAXPROCS(0)
-	streams := make([][]byte, len(v.files))
-	for i, f := range v.files {
+	streams := make([]*packedStream, 0, len(v.files))
+	keep := false
+	defer func() {
+		if keep {
+			return
+		}
+		for _, p := range streams {
+			p.close()
+		}
+	}()
+	var buf []byte // one file's stream at a time, kept where newPacked puts it
+	for _, f := range v.files {
 		img := f.buf.Bytes() // v is moving: nothing swaps f.buf but us
+		if bound := encodeBound(len(img)); cap(buf) < bound {
+			buf = make([]byte, 0, bound)
+		}
 		var st []byte
 		if f.kind == Weights {
-			st, err = c.EncodeSafetensors(ctx, make([]byte, 0, encodeBound(len(img))), img, workers)
+			st, err = c.EncodeSafetensors(ctx, buf[:0], img, workers)
 		} else {
-			st, err = c.EncodeParallel(ctx, make([]byte, 0, encodeBound(len(img))), img, "", workers)
+			st, err = c.EncodeParallel(ctx, buf[:0], img, "", workers)
 		}
 		if err != nil {
-			return 0, 0, fmt.Errorf("compress %s/%s: %w", v.Name(), f.path, err)
+			return nil, 0, fmt.Errorf("compress %s/%s: %w", v.Name(), f.path, err)
 		}
 		if n, err := codec.RawSize(st); err != nil || n != int64(len(img)) {
-			return 0, 0, fmt.Errorf("compress %s/%s: the stream decodes to %d bytes, want %d (%v)", v.Name(), f.path, n, len(img), err)
+			return nil, 0, fmt.Errorf("compress %s/%s: the stream decodes to %d bytes, want %d (%v)", v.Name(), f.path, n, len(img), err)
 		}
-		streams[i] = bytes.Clone(st) // the exact size, not the bound
-		packed += int64(len(st))
+		p, err := s.arena.newPacked(f.path, st)
+		if err != nil {
+			return nil, 0, fmt.Errorf("compress %s/%s: %w", v.Name(), f.path, err)
+		}
+		streams = append(streams, p)
+		packed += p.Size()
 	}
 	v.use.mu.Lock()
 	defer v.use.mu.Unlock()
 	if !v.unused() {
 		// Opened (or handed out) while encoding: it stays in the host tier.
-		return 0, 0, errorf(ErrBusy, "compress %s: it was opened while being compressed", v.Name())
+		return nil, 0, errorf(ErrBusy, "compress %s: it was opened while being compressed", v.Name())
 	}
-	var errs []error
+	keep = true
 	for i, f := range v.files {
 		if err := f.unpin(); err != nil {
-			errs = append(errs, err)
+			s.log.Error("compress: unpin a host image", "version", v.Name(), "err", err)
 		}
 		f.tmu.Lock()
-		old := f.buf
-		f.buf, f.packed, f.rawSize = nil, streams[i], old.Size()
+		images = append(images, f.buf)
+		f.buf, f.packed, f.rawSize = nil, streams[i], f.buf.Size()
 		f.tmu.Unlock()
-		freed += old.Cost()
-		if err := old.Close(); err != nil {
-			errs = append(errs, fmt.Errorf("free the host image of %s/%s: %w", v.Name(), f.path, err))
-		}
 	}
 	v.use.compressed = true
-	if err := errors.Join(errs...); err != nil {
-		s.log.Error("compress: freeing host images", "version", v.Name(), "err", err)
-	}
-	return freed, packed, nil
+	return images, packed, nil
 }
 
 // unpin unregisters the host image from the driver before it is freed;
@@ -339,17 +387,33 @@ func (s *Store) restore(v *Version) error {
 			return err
 		}
 	}
+	from := v.Tier()
+	var old []*packedStream
 	v.use.mu.Lock()
 	for i, f := range v.files {
 		f.tmu.Lock()
+		old = append(old, f.packed)
 		f.buf, f.packed = bufs[i], nil
 		f.tmu.Unlock()
 	}
 	v.use.compressed = false
 	v.use.mu.Unlock()
-	s.moveRestore.Add(1)
-	s.saveState()
-	s.log.Info("restored", "version", v.Name(), "from", TierCompressed, "to", TierHost, "bytes", v.bytes,
+	if from == TierSnapshot {
+		s.restoreSnapshot.Add(1)
+	} else {
+		s.moveRestore.Add(1)
+	}
+	s.saveState() // before the streams go: a crash in between finds the images
+	var errs []error
+	for i, p := range old {
+		if err := p.close(); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", v.files[i].path, err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		s.log.Error("restore: freeing compressed streams", "version", v.Name(), "err", err)
+	}
+	s.log.Info("restored", "version", v.Name(), "from", from, "to", TierHost, "bytes", v.bytes,
 		"seconds", time.Since(start).Seconds())
 	return nil
 }
@@ -357,10 +421,18 @@ func (s *Store) restore(v *Version) error {
 // decodeInto decodes f's stream into b and checks it against f's recorded
 // XXH3 (a file without one is checked by the codec's block checksums only).
 func (f *File) decodeInto(ctx context.Context, c *codec.Codec, b *Buffer) error {
-	if err := c.DecodeParallel(ctx, b.Bytes(), f.packed, runtime.GOMAXPROCS(0)); err != nil {
+	f.tmu.RLock()
+	p := f.packed // v is moving: nothing swaps it but us
+	f.tmu.RUnlock()
+	if err := p.decode(ctx, c, b.Bytes()); err != nil {
 		return fmt.Errorf("decode: %w", err)
 	}
 	want, ok := f.Checksum()
+	if !ok && f.knownSum {
+		// Recorded by the daemon that compressed it (an adopted version):
+		// its background may not have published it yet.
+		want, ok = f.sum, true
+	}
 	if !ok {
 		return nil
 	}
@@ -380,8 +452,9 @@ func (f *File) decodeInto(ctx context.Context, c *codec.Codec, b *Buffer) error 
 // retrying after each: when GPU memory is refused (the budget, or a
 // device's free memory) it frees the GPU replicas of idle non-current
 // versions (evict.go); when host memory is refused (the budget or the
-// system) it moves idle versions to the compressed tier, then takes
-// compressed non-current versions that can be re-loaded from their
+// system) it moves idle versions to the compressed tier, then compressed
+// pushed versions whose snapshot is on disk to the snapshot tier, then
+// takes compressed non-current versions that can be re-loaded from their
 // unchanged source off the mount. Nothing open or held is touched.
 func (s *Store) reserveEvicting(ctx context.Context, name, dir string, host, gpu int64) (func(), error) {
 	tried := map[*Version]bool{}
@@ -407,10 +480,12 @@ func (s *Store) reserveEvicting(ctx context.Context, name, dir string, host, gpu
 				return nil, err
 			}
 		default:
-			// Compressing every idle version comes first; dropping
-			// compressed ones that can be re-loaded, second.
+			// Compressing every idle version comes first; moving
+			// compressed pushed ones to their snapshots, second (they
+			// stay on the mount); dropping compressed ones that can be
+			// re-loaded, last.
 			reason := fmt.Sprintf("%s of host memory for %s (%s budget)", HumanBytes(host), name, be.Tier)
-			if !s.evictOne(ctx, tried, reason) && !s.dropOne(reason) {
+			if !s.evictOne(ctx, tried, reason) && !s.snapshotOne(reason) && !s.dropOne(reason) {
 				return nil, err
 			}
 		}

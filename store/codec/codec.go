@@ -17,9 +17,11 @@
 package codec
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -285,7 +287,17 @@ func appendChunk(dst, chunk []byte, s *huff0.Scratch) []byte {
 // RawSize returns the length of the bytes src decodes to, read from its
 // header (Decode checks that the blocks agree).
 func RawSize(src []byte) (int64, error) {
-	h, err := parseStreamHeader(src)
+	return RawSizeAt(bytes.NewReader(src), int64(len(src)))
+}
+
+// RawSizeAt is RawSize of the stream of size bytes that r holds, reading
+// only its header.
+func RawSizeAt(r io.ReaderAt, size int64) (int64, error) {
+	var head [streamHeaderSize]byte
+	if err := readStreamAt(r, head[:], 0, size); err != nil {
+		return 0, err
+	}
+	h, err := parseStreamHeaderOf(head[:], size)
 	if err != nil {
 		return 0, err
 	}
@@ -356,6 +368,72 @@ func (c *Codec) DecodeParallel(ctx context.Context, dst, src []byte, workers int
 	}
 	wg.Wait()
 	return firstErr
+}
+
+// DecodePrefixAt decodes the first len(dst) raw bytes of the stream of
+// size bytes that r holds into dst, on the calling goroutine, reading only
+// the stream header and the blocks that hold them: a file's header is read
+// without reading, let alone decoding, the whole file. Each block read is
+// checked (its header and its sum); the rest of the stream is not.
+func (c *Codec) DecodePrefixAt(dst []byte, r io.ReaderAt, size int64) error {
+	var head [streamHeaderSize]byte
+	if err := readStreamAt(r, head[:], 0, size); err != nil {
+		return err
+	}
+	h, err := parseStreamHeaderOf(head[:], size)
+	if err != nil {
+		return err
+	}
+	n := int64(len(dst))
+	if uint64(n) > h.rawLen {
+		return fmt.Errorf("codec: a prefix of %d bytes asked of a stream of %d", n, h.rawLen)
+	}
+	w := c.workers.Get().(*worker)
+	defer c.workers.Put(w)
+	off, raw := int64(streamHeaderSize), int64(0)
+	var bh [blockHeaderSize]byte
+	for i := 0; i < int(h.blocks) && raw < n; i++ {
+		if err := readStreamAt(r, bh[:], off, size); err != nil {
+			return err
+		}
+		hdr, start, err := blockAt(bh[:], i, off, size)
+		if err != nil {
+			return err
+		}
+		b := block{blockHeader: hdr, index: i, off: off, payload: make([]byte, hdr.encLen), rawOff: raw}
+		if err := readStreamAt(r, b.payload, start, size); err != nil {
+			return err
+		}
+		end := raw + int64(hdr.rawLen)
+		out := dst[raw:min(end, n)]
+		if end > n { // the last block needed holds more than the prefix
+			out = make([]byte, hdr.rawLen)
+		}
+		if err := c.decodeBlock(out, &b, w); err != nil {
+			return err
+		}
+		copy(dst[raw:], out)
+		raw, off = end, start+int64(hdr.encLen)
+	}
+	if raw < n {
+		return corrupt(-1, off, "the blocks hold %d raw bytes, the header says %d", raw, h.rawLen)
+	}
+	return nil
+}
+
+// readStreamAt reads len(p) bytes of a stream of size bytes at off.
+func readStreamAt(r io.ReaderAt, p []byte, off, size int64) error {
+	if off+int64(len(p)) > size {
+		return truncated(-1, size, "%d bytes wanted at byte %d", len(p), off)
+	}
+	got, err := r.ReadAt(p, off)
+	switch {
+	case got == len(p):
+		return nil
+	case err == nil || errors.Is(err, io.EOF):
+		return truncated(-1, off+int64(got), "the reader ended before the %d bytes of the stream", size)
+	}
+	return fmt.Errorf("codec: read the stream at byte %d: %w", off, err)
 }
 
 // decodeBlock decodes block b into dst (its raw length) and checks its sum.

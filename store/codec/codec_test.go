@@ -393,3 +393,50 @@ func TestDecodeReader(t *testing.T) {
 		t.Errorf("cancelled: %v", err)
 	}
 }
+
+// TestDecodePrefix: the first n bytes of a stream decode alone, for every n
+// around block boundaries, reading only their blocks; a corrupt block among
+// them is ErrCorrupt, a short stream a truncated one.
+func TestDecodePrefix(t *testing.T) {
+	c := codec.New(codec.Options{BlockSize: codec.MinBlockSize})
+	defer c.Close()
+	src := trained(t, "BF16", 5*codec.MinBlockSize+123, 4)
+	enc := roundTrip(t, c, src, "BF16")
+	bs := codec.MinBlockSize
+	for _, n := range []int{0, 1, 8, bs - 1, bs, bs + 1, 3*bs + 7, len(src) - 1, len(src)} {
+		dst := make([]byte, n)
+		if err := c.DecodePrefixAt(dst, bytes.NewReader(enc), int64(len(enc))); err != nil || !bytes.Equal(dst, src[:n]) {
+			t.Fatalf("prefix of %d bytes: %v, equal %v", n, err, bytes.Equal(dst, src[:n]))
+		}
+	}
+	at := func(dst, enc []byte) error { return c.DecodePrefixAt(dst, bytes.NewReader(enc), int64(len(enc))) }
+	if err := at(make([]byte, len(src)+1), enc); err == nil {
+		t.Error("a prefix longer than the stream: no error")
+	}
+	infos, err := codec.Info(enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := bytes.Clone(enc)
+	bad[len(enc)-infos[len(infos)-1].EncodedLen/2] ^= 0x55 // in the last block
+	if err := at(make([]byte, bs), bad); err != nil {
+		t.Errorf("a corrupt block after the prefix was read: %v", err)
+	}
+	if err := at(make([]byte, len(src)), bad); !errors.Is(err, codec.ErrCorrupt) {
+		t.Errorf("a corrupt block in the prefix: %v, want ErrCorrupt", err)
+	}
+	// A stream shorter than it says: its prefix still reads, the rest not.
+	short := bytes.NewReader(enc[:len(enc)/2])
+	if n, err := codec.RawSizeAt(short, int64(len(enc))); err != nil || n != int64(len(src)) {
+		t.Errorf("RawSizeAt = %d, %v; want %d", n, err, len(src))
+	}
+	if err := c.DecodePrefixAt(make([]byte, 8), short, int64(len(enc))); err != nil {
+		t.Errorf("the first bytes of a cut stream: %v", err)
+	}
+	if err := c.DecodePrefixAt(make([]byte, len(src)), short, int64(len(enc))); !errors.Is(err, codec.ErrCorrupt) {
+		t.Errorf("a cut stream: %v, want a truncated stream", err)
+	}
+	if err := c.DecodePrefixAt(make([]byte, 8), bytes.NewReader(enc), 28); !errors.Is(err, codec.ErrCorrupt) {
+		t.Errorf("a size that holds no block: %v, want ErrCorrupt", err)
+	}
+}

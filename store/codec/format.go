@@ -169,9 +169,15 @@ func (h streamHeader) append(dst []byte) []byte {
 }
 
 func parseStreamHeader(src []byte) (streamHeader, error) {
+	return parseStreamHeaderOf(src, int64(len(src)))
+}
+
+// parseStreamHeaderOf parses the header at the start of src, of a stream of
+// size bytes.
+func parseStreamHeaderOf(src []byte, size int64) (streamHeader, error) {
 	var h streamHeader
-	if len(src) < streamHeaderSize {
-		return h, truncated(-1, int64(len(src)), "the stream header is %d bytes", streamHeaderSize)
+	if len(src) < streamHeaderSize || size < streamHeaderSize {
+		return h, truncated(-1, min(int64(len(src)), size), "the stream header is %d bytes", streamHeaderSize)
 	}
 	if string(src[:4]) != Magic {
 		return h, corrupt(-1, 0, "bad magic %q, want %q", src[:4], Magic)
@@ -194,8 +200,8 @@ func parseStreamHeader(src []byte) (streamHeader, error) {
 	}
 	// Every block takes at least a header, so the count cannot exceed what
 	// the stream can hold: this bounds what a decoder allocates for it.
-	if uint64(h.blocks) > uint64(len(src)-streamHeaderSize)/blockHeaderSize {
-		return h, truncated(-1, int64(len(src)), "%d blocks announced, room for at most %d", h.blocks, (len(src)-streamHeaderSize)/blockHeaderSize)
+	if uint64(h.blocks) > uint64(size-streamHeaderSize)/blockHeaderSize {
+		return h, truncated(-1, size, "%d blocks announced, room for at most %d", h.blocks, (size-streamHeaderSize)/blockHeaderSize)
 	}
 	return h, nil
 }
@@ -257,6 +263,21 @@ func parseBlockHeader(src []byte, i int, off int64) (blockHeader, error) {
 	return h, nil
 }
 
+// blockAt parses the header of block i, at stream offset off (src holds
+// its bytes), of a stream of size bytes, and returns it with the offset of
+// its payload, checked to lie inside the stream.
+func blockAt(src []byte, i int, off, size int64) (blockHeader, int64, error) {
+	bh, err := parseBlockHeader(src, i, off)
+	if err != nil {
+		return bh, 0, err
+	}
+	start := off + blockHeaderSize
+	if int64(bh.encLen) > size-start {
+		return bh, 0, truncated(i, size, "payload of %d bytes from byte %d", bh.encLen, start)
+	}
+	return bh, start, nil
+}
+
 // block is one block found by scanning a stream.
 type block struct {
 	blockHeader
@@ -277,13 +298,9 @@ func scan(src []byte) (streamHeader, []block, error) {
 	off := int64(streamHeaderSize)
 	var raw int64
 	for i := 0; i < int(h.blocks); i++ {
-		bh, err := parseBlockHeader(src[off:], i, off)
+		bh, start, err := blockAt(src[off:], i, off, int64(len(src)))
 		if err != nil {
 			return h, nil, err
-		}
-		start := off + blockHeaderSize
-		if int64(bh.encLen) > int64(len(src))-start {
-			return h, nil, truncated(i, int64(len(src)), "payload of %d bytes from byte %d", bh.encLen, start)
 		}
 		blocks = append(blocks, block{blockHeader: bh, index: i, off: off, payload: src[start : start+int64(bh.encLen)], rawOff: raw})
 		raw += int64(bh.rawLen)

@@ -108,13 +108,9 @@ func (c *Codec) feed(ctx context.Context, h streamHeader, src []byte, readTo fun
 		if err := readTo(min(size, off+blockHeaderSize)); err != nil {
 			return err
 		}
-		bh, err := parseBlockHeader(src[off:], i, off)
+		bh, start, err := blockAt(src[off:], i, off, size)
 		if err != nil {
 			return err
-		}
-		start := off + blockHeaderSize
-		if int64(bh.encLen) > size-start {
-			return truncated(i, size, "payload of %d bytes from byte %d", bh.encLen, start)
 		}
 		if raw+uint64(bh.rawLen) > h.rawLen {
 			return corrupt(i, off+4, "the blocks hold more than the %d raw bytes the header says", h.rawLen)

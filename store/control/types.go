@@ -17,8 +17,10 @@ type Version struct {
 	Bytes     int64    `json:"bytes"`
 	HostBytes int64    `json:"host_bytes"` // host memory: each file rounded up to its pages
 	Residency []string `json:"residency"`
-	// Tier is "host" (host images) or "compressed" (codec streams, restored
-	// on the next open); CompressedBytes is the streams' size then.
+	// Tier is "host" (host images), "compressed" (codec streams, restored
+	// on the next open) or "snapshot" (a pushed version's weights streams
+	// read from its snapshot on disk when restored); CompressedBytes is the
+	// streams' size then.
 	Tier            string  `json:"tier"`
 	CompressedBytes int64   `json:"compressed_bytes"`
 	OpenFiles       int     `json:"open_files"`

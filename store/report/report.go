@@ -85,7 +85,7 @@ func Versions(w io.Writer, models []control.Model, draining []control.Version) {
 			name += " *"
 		}
 		tier := v.Tier
-		if tier == store.TierCompressed {
+		if tier == store.TierCompressed || tier == store.TierSnapshot {
 			tier += " " + store.HumanBytes(v.CompressedBytes)
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%d\t%s\t%s/s\t%s\n", name, v.State, v.Files, store.HumanBytes(v.Bytes),
@@ -174,10 +174,11 @@ func Progress(w io.Writer, what string) (progress func(done, total int64), done 
 }
 
 // Served is the daemon's line for a --model it loaded and serves under
-// mountpoint, on the host and gpus GPUs.
+// mountpoint, on the host and gpus GPUs (or, adopted after a crash, in the
+// compressed or snapshot tier, without GPU copies).
 func Served(w io.Writer, mountpoint string, v *store.Version, gpus int) {
-	where := "host"
-	if gpus > 0 && v.GPUError() == nil {
+	where := v.Tier()
+	if where == store.TierHost && gpus > 0 && v.GPUError() == nil {
 		where = fmt.Sprintf("host + %d GPU", gpus)
 	}
 	secs := v.LoadTime().Seconds()
