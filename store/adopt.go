@@ -321,13 +321,8 @@ func (s *Store) adoptFile(model string, number int, mf manifestFile) (*File, err
 		return nil, err
 	}
 	if !byID && f.buf != nil {
-		sum, err := hashImage(context.Background(), f.buf.Bytes())
-		if err != nil {
-			return fail(err)
-		}
-		if sum != want {
-			return fail(fmt.Errorf("pushed file %s: the checksum of its image is %s, the manifest says %s", mf.Path,
-				FormatChecksum(sum), mf.XXH3))
+		if _, err := checkImage(context.Background(), f.buf.Bytes(), want, "the manifest"); err != nil {
+			return fail(fmt.Errorf("pushed file %s: %w", mf.Path, err))
 		}
 	}
 	if mf.SourceID != nil {

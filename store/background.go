@@ -204,6 +204,21 @@ func (f *File) computeSum(ctx context.Context, sem chan struct{}) {
 }
 
 // hashImage is xxh3.Hash(b), in chunks so that ctx can stop it.
+// checkImage is hashImage compared with a recorded XXH3 (where names the
+// record): adoption of a pushed file, a snapshot's load and a restore trust
+// a recorded checksum instead of a source.
+func checkImage(ctx context.Context, b []byte, want uint64, where string) (uint64, error) {
+	got, err := hashImage(ctx, b)
+	if err != nil {
+		return 0, err
+	}
+	if got != want {
+		return got, fmt.Errorf("checksum mismatch: the XXH3 of its bytes is %s, %s says %s",
+			FormatChecksum(got), where, FormatChecksum(want))
+	}
+	return got, nil
+}
+
 func hashImage(ctx context.Context, b []byte) (uint64, error) {
 	h := xxh3.New()
 	for off := 0; off < len(b); off += hashChunk {

@@ -231,12 +231,9 @@ func (s *Store) loadSnapshotFile(ctx context.Context, c *codec.Codec, dirFD int,
 	if err := readFileInto(dirFD, sf.Data, display, buf.Bytes(), sf.EncodedSize, decode); err != nil {
 		return fail(err)
 	}
-	sum, err := hashImage(ctx, buf.Bytes())
+	sum, err := checkImage(ctx, buf.Bytes(), want, snapshotManifest)
 	if err != nil {
 		return fail(err)
-	}
-	if sum != want {
-		return fail(fmt.Errorf("the XXH3 of its bytes is %s, %s says %s", FormatChecksum(sum), snapshotManifest, sf.XXH3))
 	}
 	f.sum, f.knownSum = sum, true
 	if sf.Kind == Weights.String() {

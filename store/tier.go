@@ -436,15 +436,8 @@ func (f *File) decodeInto(ctx context.Context, c *codec.Codec, b *Buffer) error 
 	if !ok {
 		return nil
 	}
-	got, err := hashImage(ctx, b.Bytes())
-	if err != nil {
-		return err
-	}
-	if got != want {
-		return fmt.Errorf("restored bytes differ from the recorded checksum: XXH3 %s, want %s",
-			FormatChecksum(got), FormatChecksum(want))
-	}
-	return nil
+	_, err := checkImage(ctx, b.Bytes(), want, "the recorded checksum")
+	return err
 }
 
 // reserveEvicting is reserve that, with Options.CompressIdle, evicts
