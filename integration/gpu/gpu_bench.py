@@ -164,19 +164,71 @@ def timed(mode, folder, runs=3):
     return results[len(results) // 2]
 
 
+class Daemon:
+    """A weightfs mount process whose output lines are collected (with their arrival times) by
+    a thread, so that the caller can wait for one without blocking the daemon."""
+
+    def __init__(self, binary, args):
+        self.t0 = time.perf_counter()
+        self.p = subprocess.Popen([binary, "mount", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, start_new_session=True)
+        self.lines = []
+        self.cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            with self.cond:
+                self.lines.append((time.perf_counter(), line.rstrip()))
+                self.cond.notify_all()
+        with self.cond:
+            self.lines.append((time.perf_counter(), None))
+            self.cond.notify_all()
+
+    def wait_line(self, pattern, timeout=600):
+        """The first output line matching pattern (and when it came); raises on exit or timeout."""
+        rx = re.compile(pattern)
+        deadline = time.time() + timeout
+        i = 0
+        with self.cond:
+            while True:
+                while i < len(self.lines):
+                    at, line = self.lines[i]
+                    i += 1
+                    if line is None:
+                        raise RuntimeError(f"daemon exited waiting for {pattern!r}:\n{self.text()}")
+                    if rx.search(line):
+                        return at, line
+                if not self.cond.wait(timeout=max(0.0, deadline - time.time())) and time.time() > deadline:
+                    raise RuntimeError(f"no {pattern!r} within {timeout}s:\n{self.text()}")
+
+    def text(self, last=60):
+        """The output so far (the last lines; last=None: all of it)."""
+        with self.cond:
+            lines = list(self.lines if last is None else self.lines[-last:])
+        return "\n".join(line for _, line in lines if line is not None)
+
+    def rchar(self):
+        with open(f"/proc/{self.p.pid}/io") as f:
+            return int(next(line.split()[1] for line in f if line.startswith("rchar:")))
+
+    def kill(self):
+        os.killpg(self.p.pid, signal.SIGKILL)
+        self.p.wait()
+
+    def stop(self):
+        stop_daemon(self.p)
+
+
 def start_daemon(binary, mnt, src, gpu, name="qwen", extra=()):
-    args = [binary, "mount", mnt, "--model", f"{name}={src}"] + (["--gpu", "0"] if gpu else []) + list(extra)
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
-    t0 = time.perf_counter()
-    for line in p.stdout:
-        lines.append(line.rstrip())
-        m = re.search(r"in ([0-9.]+)s", line)
-        if f"{name} →" in line and m:
-            return p, float(m.group(1)), time.perf_counter() - t0, lines
-        if "load failed" in line:
-            break
-    raise RuntimeError("daemon did not load:\n" + "\n".join(lines))
+    """A Daemon serving src as name; returns it once the load is done, with the load's seconds
+    as the daemon reports them and the wall time to that line."""
+    d = Daemon(binary, [mnt, "--model", f"{name}={src}", *(["--gpu", "0"] if gpu else []), *extra])
+    at, line = d.wait_line(rf"{re.escape(name)} →.* in [0-9.]+s|load failed")
+    if "load failed" in line:
+        d.stop()
+        raise RuntimeError("daemon did not load:\n" + d.text())
+    return d, float(re.search(r"in ([0-9.]+)s", line).group(1)), at - d.t0
 
 
 def stop_daemon(p):
@@ -493,9 +545,7 @@ def push_section(args, work, src, total):
     sock = os.path.join(work, "push.sock")
     shm = os.path.join("/dev/shm", "weightfs-bench-push")
     os.makedirs(mnt, exist_ok=True)
-    daemon, load_secs, _, lines = start_daemon(args.bin, mnt, src, gpu=True, name=PUSH_NAME,
-                                               extra=["--socket", sock])
-    threading.Thread(target=lambda: lines.extend(ln.rstrip() for ln in daemon.stdout), daemon=True).start()
+    daemon, load_secs, _ = start_daemon(args.bin, mnt, src, gpu=True, name=PUSH_NAME, extra=["--socket", sock])
 
     def drained():
         out = subprocess.run([args.bin, "ls", "--json", "--socket", sock], capture_output=True, text=True, timeout=60)
@@ -511,7 +561,8 @@ def push_section(args, work, src, total):
             while not drained() and time.time() < deadline:
                 time.sleep(0.5)
     finally:
-        stop_daemon(daemon)
+        daemon.stop()
+        lines = daemon.text(last=None).splitlines()
         if getattr(args, "out", None):  # the daemon's own timings (push staged, pushed, freed)
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "daemon-push.log"), "w") as f:
@@ -612,7 +663,7 @@ def load_section(args, work, src, mnt, total):
     shutil.rmtree(shm)
 
     drop_caches()
-    daemon, load_secs, _, lines = start_daemon(args.bin, mnt, src, gpu=True)
+    daemon, load_secs, _ = start_daemon(args.bin, mnt, src, gpu=True)
     try:
         row("weightfs daemon load, cold (disk → host → GPU)", load_secs, total)
         mounted = os.path.join(mnt, "qwen")
@@ -623,7 +674,7 @@ def load_section(args, work, src, mnt, total):
             log("".join(line for line in f if "Huge" in line or "Shmem" in line))
         timed_once("zero-copy", mounted, profile=True)
     finally:
-        stop_daemon(daemon)
+        daemon.stop()
 
     base = {n: s for n, s, _ in rows}
     best = min(base["safetensors from disk, warm page cache"], base["safetensors from disk, cold page cache"],
@@ -642,59 +693,6 @@ def load_section(args, work, src, mnt, total):
 
 # --------------------------------------------------------------------------------------------
 # tiers section (issue 10): restart after SIGKILL, snapshot load
-
-
-class Daemon:
-    """A weightfs mount process whose output lines are collected (with their arrival times) by
-    a thread, so that the caller can wait for one without blocking the daemon."""
-
-    def __init__(self, binary, args):
-        self.t0 = time.perf_counter()
-        self.p = subprocess.Popen([binary, "mount", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True, start_new_session=True)
-        self.lines = []
-        self.cond = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.p.stdout:
-            with self.cond:
-                self.lines.append((time.perf_counter(), line.rstrip()))
-                self.cond.notify_all()
-        with self.cond:
-            self.lines.append((time.perf_counter(), None))
-            self.cond.notify_all()
-
-    def wait_line(self, pattern, timeout=600):
-        """The first output line matching pattern (and when it came); raises on exit or timeout."""
-        rx = re.compile(pattern)
-        deadline = time.time() + timeout
-        i = 0
-        with self.cond:
-            while True:
-                while i < len(self.lines):
-                    at, line = self.lines[i]
-                    i += 1
-                    if line is None:
-                        raise RuntimeError(f"daemon exited waiting for {pattern!r}:\n{self.text()}")
-                    if rx.search(line):
-                        return at, line
-                if not self.cond.wait(timeout=max(0.0, deadline - time.time())) and time.time() > deadline:
-                    raise RuntimeError(f"no {pattern!r} within {timeout}s:\n{self.text()}")
-
-    def text(self, last=60):
-        return "\n".join(line for _, line in self.lines[-last:] if line is not None)
-
-    def rchar(self):
-        with open(f"/proc/{self.p.pid}/io") as f:
-            return int(next(line.split()[1] for line in f if line.startswith("rchar:")))
-
-    def kill(self):
-        os.killpg(self.p.pid, signal.SIGKILL)
-        self.p.wait()
-
-    def stop(self):
-        stop_daemon(self.p)
 
 
 def _wait_resident(paths, timeout=120):
