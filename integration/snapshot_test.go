@@ -92,6 +92,12 @@ func stop(t testing.TB, d *daemon) {
 	select {
 	case <-d.done:
 	case <-time.After(30 * time.Second):
+		// Its goroutines say where it hangs: SIGQUIT makes Go print them.
+		d.cmd.Process.Signal(syscall.SIGQUIT)
+		select {
+		case <-d.done:
+		case <-time.After(10 * time.Second):
+		}
 		t.Fatalf("daemon did not exit on SIGTERM:\n%s", d.log())
 	}
 }

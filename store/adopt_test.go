@@ -382,3 +382,40 @@ func TestAdoptReplicatesToGPUs(t *testing.T) {
 		})
 	}
 }
+
+// Close and a manifest save (Run's, on a background request) take the
+// store's lock and the manifest's in one order: a save racing the close
+// never deadlocks it.
+func TestCloseWhileSaving(t *testing.T) {
+	for range 20 {
+		s, _ := openStateStore(t, stateDir(t), false)
+		if _, err := s.Load(context.Background(), "m", writeShardedFolder(t, 1), LoadOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		stop := make(chan struct{})
+		saving := make(chan struct{})
+		go func() {
+			defer close(saving)
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+					s.saveState()
+				}
+			}
+		}()
+		closed := make(chan error, 1)
+		go func() { closed <- s.Close() }()
+		select {
+		case err := <-closed:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatal("Close did not return while the manifest was being saved")
+		}
+		close(stop)
+		<-saving
+	}
+}

@@ -230,6 +230,12 @@ func (s *Store) Close() error {
 	}
 	s.reaps.Wait()
 	s.moves.Wait() // a move reads and frees host images
+	if s.state != nil {
+		// A save in progress ends first. saveState's order, stateMu then
+		// s.mu: the other way round, Close and Run's save deadlock.
+		s.stateMu.Lock()
+		defer s.stateMu.Unlock()
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.changedAll()
@@ -243,9 +249,7 @@ func (s *Store) Close() error {
 	s.draining = nil
 	errs = append(errs, s.arena.Close())
 	if s.state != nil {
-		s.stateMu.Lock() // a save in progress ends first
 		errs = append(errs, s.state.close(true))
-		s.stateMu.Unlock()
 	}
 	if s.snap != nil {
 		errs = append(errs, s.snap.close())
